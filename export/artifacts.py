@@ -1,0 +1,163 @@
+"""ONNX Runtime on-device training artifacts: training, eval and optimizer models and
+a shapes-only checkpoint (the weights live once, in the bundle's ``weights`` file).
+
+Example:
+    >>> from bitfit.export.artifacts import LOSS_FOR_TASK
+    >>> LOSS_FOR_TASK["token-classification"]
+    'token-cross-entropy'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+
+from bitfit.sdk.bundle import LossName, OptimizerName, Task
+from bitfit.sdk.errors import ExportError, UnsupportedModelError
+
+from .repairs import cap_ir_version
+
+log = logging.getLogger("bitfit.export")
+
+LOSS_FOR_TASK: dict[str, LossName] = {
+    "classification": "cross-entropy",
+    "regression": "mse",
+    "multilabel": "bce-with-logits",
+    "token-classification": "token-cross-entropy",
+    "causal-lm": "token-cross-entropy",
+}
+LABEL_INPUT = "labels"
+ARTIFACT_FILES = {
+    "training_model": "training_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+
+
+def _loss_block(loss: LossName, ignore_index: int | None):
+    from onnxruntime.training import onnxblock
+
+    class LossOnLabels(onnxblock.Block):
+        """Every loss reads its targets from one graph input named ``labels``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            if loss == "cross-entropy":
+                self._inner = onnxblock.loss.CrossEntropyLoss(ignore_index=ignore_index)
+            elif loss == "mse":
+                self._inner = onnxblock.loss.MSELoss()
+            elif loss == "bce-with-logits":
+                self._inner = onnxblock.loss.BCEWithLogitsLoss()
+            else:
+                self._inner = onnxblock.loss.CrossEntropyLoss(ignore_index=ignore_index)
+
+        def build(self, output_name: str) -> str:
+            if loss != "token-cross-entropy":
+                return self._inner(output_name, LABEL_INPUT)
+            return self._inner(_transpose_classes_to_axis1(self.base, output_name), LABEL_INPUT)
+
+    return LossOnLabels()
+
+
+def _transpose_classes_to_axis1(model: onnx.ModelProto, output_name: str) -> str:
+    # SoftmaxCrossEntropyLoss wants [batch, classes, sequence]; token logits are
+    # [batch, sequence, classes]. Labels are [batch, sequence] int64, -100 (or the
+    # manifest's ignore_index) where a position does not count.
+    from onnx import helper
+
+    out = next(o for o in model.graph.output if o.name == output_name)
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    if len(dims) != 3:
+        raise UnsupportedModelError(f"token-level loss needs [batch, sequence, classes] logits, {output_name} has rank {len(dims)}")
+    transposed = f"{output_name}.__bcs"
+    model.graph.node.append(helper.make_node("Transpose", [output_name], [transposed], perm=[0, 2, 1], name="bitfit.loss_transpose"))
+    model.graph.input.append(helper.make_tensor_value_info(LABEL_INPUT, onnx.TensorProto.INT64, dims[:2]))
+    model.graph.value_info.append(helper.make_tensor_value_info(transposed, out.type.tensor_type.elem_type, [dims[0], dims[2], dims[1]]))
+    return transposed
+
+
+def generate_training_artifacts(
+    model: onnx.ModelProto,
+    trainable: list[str],
+    frozen: list[str],
+    out_dir: Path,
+    *,
+    loss: LossName,
+    optimizer: OptimizerName = "adamw",
+    ignore_index: int | None = None,
+    ort_format: bool = False,
+    logits_output: str | None = None,
+) -> dict[str, str]:
+    """Write the four training artifacts into ``out_dir`` (or ``out_dir/mobile`` as .ort).
+
+    Returns {manifest file key: path relative to out_dir}.
+    """
+    from onnxruntime.training import artifacts as ort_artifacts
+
+    from bitfit.sdk.ort_training import ort
+
+    ort.set_default_logger_severity(3)  # the gradient builder logs every transformer at INFO
+    out_dir.mkdir(parents=True, exist_ok=True)  # generate_artifacts needs it to exist (pitfall 6)
+    optim = {"adamw": ort_artifacts.OptimType.AdamW, "sgd": ort_artifacts.OptimType.SGD}.get(optimizer)
+    if optim is None:
+        raise ExportError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
+    logits_output = logits_output or model.graph.output[0].name
+    target = out_dir / "mobile" if ort_format else out_dir
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        ort_artifacts.generate_artifacts(
+            model, requires_grad=trainable, frozen_params=frozen, loss=_loss_block(loss, ignore_index),
+            optimizer=optim, artifact_directory=str(target), nominal_checkpoint=not ort_format,
+            additional_output_names=[logits_output], ort_format=ort_format,
+        )
+    except UnsupportedModelError:
+        raise
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"onnxruntime could not build the training graph: {err}. If it names an op, that op has no gradient "
+            "in ORT 1.19.2; see docs/bundle-format.md (known limits)."
+        ) from err
+    files: dict[str, str] = {}
+    prefix = "mobile/" if ort_format else ""
+    for key, name in ARTIFACT_FILES.items():
+        if ort_format and key != "checkpoint":
+            name = name.replace(".onnx", ".ort")
+            files[f"mobile_{key}"] = prefix + name
+            continue
+        if ort_format:
+            files["mobile_checkpoint"] = prefix + "checkpoint"  # full: mobile apps load it directly
+            continue
+        path = target / name
+        if name.endswith(".onnx"):
+            art = onnx.load(str(path))
+            if cap_ir_version(art):
+                onnx.save(art, str(path))
+        files[key] = name
+    if not ort_format:
+        # The full checkpoint repeats every frozen weight; the bundle keeps them once in
+        # ``weights`` and ships the shapes-only (nominal) checkpoint.
+        os.replace(target / "nominal_checkpoint", target / "checkpoint")
+    for stray in ("nominal_checkpoint",):
+        if (target / stray).exists():
+            (target / stray).unlink()
+    if ort_format:
+        for leftover in target.glob("*.onnx"):
+            leftover.unlink()
+        config = target / "required_operators.config"
+        if config.exists():
+            files["mobile_required_operators"] = prefix + config.name
+    log.info("training artifacts written to %s", target)
+    return files
+
+
+def remove_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def loss_for(task: Task) -> LossName:
+    return LOSS_FOR_TASK[task]

@@ -1,0 +1,236 @@
+"""``export_bundle``: one call from a frozen model to a bias-only training bundle.
+
+Example:
+    >>> import torch
+    >>> from bitfit.export import export_bundle
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> bundle = export_bundle(net, "/tmp/bitfit-doc-mlp", example_inputs={"x": torch.randn(2, 4)},
+    ...                        labels=["a", "b", "c"], overwrite=True)
+    >>> [t.name for t in bundle.manifest.trainable], bundle.manifest.per_row
+    (['0.bias', '2.bias'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bitfit.sdk.bundle import (
+    Bundle, IOSpec, LossName, Manifest, OptimizerName, Task, TextSpec, TrainableTensor,
+    file_entry, fingerprint_tensors, write_manifest,
+)
+from bitfit.sdk.errors import ExportError
+
+from . import sources
+from .artifacts import LABEL_INPUT, generate_training_artifacts, loss_for
+from .biases import bias_uses_by_name, cross_check, find_biases, select_trainable
+from .inference_graph import INFERENCE_FILE, WEIGHTS_FILE, build_inference_model
+from .repairs import ensure_named_nodes, refuse_unsupported, repair_for_training, split_shared_biases
+from .validate import validate_bundle
+
+log = logging.getLogger("bitfit.export")
+BITFIT_VERSION = "0.1.0"
+
+
+def resolve_source(
+    model: Any,
+    *,
+    example_inputs: Any = None,
+    labels: list[str] | None = None,
+    hf_task: str | None = None,
+    max_length: int = 128,
+    output_names: list[str] | None = None,
+) -> sources.SourceGraph:
+    """Turn any accepted model form into a SourceGraph (see ``export_bundle``)."""
+    if isinstance(model, sources.SourceGraph):
+        return model
+    if isinstance(model, str) and model == "minilm":
+        from .minilm import MeanPoolClassifier, example_text_inputs, minilm_dir
+
+        if not labels:
+            raise ExportError("the built-in 'minilm' needs labels=[...] for its classification head")
+        module = MeanPoolClassifier.from_packaged(labels)
+        tokenizer = minilm_dir() / "tokenizer.json"
+        src = sources.from_torch(module, example_inputs or example_text_inputs(tokenizer, max_length), name="minilm")
+        src.kind, src.tokenizer_file, src.head_weight = "minilm", tokenizer, "head.weight"
+        src.text = TextSpec(tokenizer="tokenizer.json", max_length=max_length, token_type_ids="token_type_ids")
+        return src
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if path.is_dir():
+            if hf_task is None:
+                raise ExportError("a Hugging Face directory needs hf_task= text-classification, token-classification or feature-extraction")
+            return sources.from_hf_dir(path, hf_task, labels=labels, max_length=max_length)  # type: ignore[arg-type]
+        if path.suffix == ".onnx":
+            return sources.from_onnx_file(path, example_inputs=example_inputs)
+        raise ExportError(f"{model!r} is neither 'minilm', a Hugging Face model directory, nor an .onnx file")
+    if example_inputs is None:
+        raise ExportError("a torch module needs example_inputs= (a dict or tuple of tensors for one batch)")
+    return sources.from_torch(model, example_inputs, output_names=output_names)
+
+
+def export_bundle(
+    model: Any,
+    out_dir: str | os.PathLike,
+    *,
+    example_inputs: Any = None,
+    task: Task | None = None,
+    labels: list[str] | None = None,
+    policy: str = "all-biases",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    loss: LossName | None = None,
+    optimizer: OptimizerName = "adamw",
+    ignore_index: int = -100,
+    tokenizer: str | os.PathLike | None = None,
+    max_length: int = 128,
+    hf_task: str | None = None,
+    ort_format: bool = False,
+    overwrite: bool = False,
+) -> Bundle:
+    """Export ``model`` to a bundle directory at ``out_dir`` and return it, validated.
+
+    ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), a Hugging Face model
+    directory (with ``hf_task``), an ``.onnx`` file, or ``"minilm"`` (with ``labels``).
+    Nothing is left at ``out_dir`` unless every step and check passed.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists: pass overwrite=True (or --overwrite) to replace it")
+    if policy and "+" not in policy and policy not in ("all-biases", "paper-subset"):
+        select_trainable(None, [], policy)  # raises the PolicyError with the list of policies
+    if loss is not None and loss not in ("cross-entropy", "mse", "bce-with-logits", "token-cross-entropy"):
+        raise ExportError(f"unknown loss {loss!r}: use cross-entropy, mse, bce-with-logits or token-cross-entropy")
+    if optimizer not in ("adamw", "sgd"):
+        raise ExportError(f"unknown optimizer {optimizer!r}: use adamw or sgd")
+    started = time.perf_counter()
+    src = resolve_source(model, example_inputs=example_inputs, labels=labels, hf_task=hf_task, max_length=max_length)
+    task = task or src.task or "classification"
+    loss = loss or loss_for(task)
+    labels = labels or src.labels
+    forward = src.model
+    refuse_unsupported(forward)
+    ensure_named_nodes(forward)
+    biases = find_biases(forward)
+    unmatched = cross_check(biases, src.param_names)
+    selection = select_trainable(forward, biases, policy, include=include, exclude=exclude, head_weight=src.head_weight)
+    uses = bias_uses_by_name(biases)
+    copies = split_shared_biases(forward, selection.names, uses)
+    biases = find_biases(forward)
+    uses = bias_uses_by_name(biases)
+    trainable = [n for name in selection.names for n in [name, *copies.get(name, [])]]
+    roles = {b.name: "bias" for b in biases}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        plan, base = build_inference_model(forward, trainable, uses, work)
+        training_graph = onnx.ModelProto.FromString(forward.SerializeToString())
+        repairs = repair_for_training(training_graph)
+        float_params = [i.name for i in training_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+        frozen = [n for n in float_params if n not in trainable]
+        files = generate_training_artifacts(
+            training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
+            ignore_index=ignore_index if loss == "token-cross-entropy" else None,
+        )
+        order = [i.name for i in onnx.load(str(work / files["training_model"]), load_external_data=False).graph.input if i.name in base]
+        files.update({"inference_model": INFERENCE_FILE, "weights": WEIGHTS_FILE})
+        text = src.text
+        tokenizer_file = Path(tokenizer) if tokenizer else src.tokenizer_file
+        if tokenizer_file is not None:
+            files["tokenizer"] = sources.copy_tokenizer(tokenizer_file, work)
+            text = text or TextSpec(tokenizer="tokenizer.json", max_length=max_length)
+        if ort_format:
+            files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
+                                                     ignore_index=ignore_index if loss == "token-cross-entropy" else None,
+                                                     ort_format=True))
+            files["mobile_inference_model"] = _inference_to_ort(work)
+        inference = onnx.load(str(work / INFERENCE_FILE), load_external_data=False)
+        total = int(sum(v.size for v in base.values()))
+        trainable_values = int(sum(base[n].size for n in trainable))
+        manifest = Manifest(
+            base_fingerprint=fingerprint_tensors(base),
+            task=task, loss=loss, optimizer=optimizer,
+            inputs=_io_specs(inference.graph.input, exclude=set(trainable) | {i.name for i in inference.graph.initializer}),
+            outputs=_io_specs(inference.graph.output),
+            trainable=[TrainableTensor(n, list(base[n].shape), "float32", roles.get(n, "head-weight" if n == selection.head_weight else "other"),
+                                       plan.inference_shapes[n]) for n in trainable],
+            files={},
+            policy={"name": selection.policy, "include": selection.include, "exclude": selection.exclude,
+                    "trainable_values": trainable_values, "total_values": total,
+                    "fraction": trainable_values / total, "unmatched_framework_biases": unmatched,
+                    "split_shared_biases": copies},
+            labels=list(labels) if labels else None, text=text,
+            ignore_index=ignore_index if loss == "token-cross-entropy" else None,
+            per_row=plan.per_row, label_input=LABEL_INPUT,
+            source={"kind": src.kind, "name": src.name, "parameter_order": order, "repairs": repairs,
+                    "per_row_reason": plan.reason, "bitfit_version": BITFIT_VERSION},
+            opset=next((o.version for o in forward.opset_import if o.domain in ("", "ai.onnx")), 17),
+            ort_version=_ort_version(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        manifest.files = {k: file_entry(work, v) for k, v in files.items()}
+        bundle = Bundle(work, manifest)
+        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference)
+        write_manifest(work, manifest)
+        log.info("bundle: %d trainable tensors, %d of %d values (%.3f%%), per_row=%s, %.1fs",
+                 len(trainable), trainable_values, total, 100 * trainable_values / total, plan.per_row,
+                 time.perf_counter() - started)
+        _move_into_place(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Bundle.open(out_dir)
+
+
+def _io_specs(values, exclude: set[str] = frozenset()) -> list[IOSpec]:
+    out = []
+    for v in values:
+        if v.name in exclude:
+            continue
+        tt = v.type.tensor_type
+        dtype = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+        out.append(IOSpec(v.name, dtype, [d.dim_param or d.dim_value for d in tt.shape.dim]))
+    return out
+
+
+def _ort_version() -> str:
+    from bitfit.sdk.ort_training import ort
+
+    return ort.__version__
+
+
+def _inference_to_ort(work: Path) -> str:
+    # ORT-format models cannot read external data: inline the weights for the mobile copy.
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    model = onnx.load(str(work / INFERENCE_FILE))  # resolves external data
+    mobile = work / "mobile"
+    mobile.mkdir(exist_ok=True)
+    onnx.save(model, str(mobile / INFERENCE_FILE))
+    convert_onnx_models_to_ort(mobile / INFERENCE_FILE, output_dir=mobile, optimization_styles=[OptimizationStyle.Fixed])
+    (mobile / INFERENCE_FILE).unlink()
+    for extra in mobile.glob("inference.required_operators*.config"):
+        extra.unlink()
+    return "mobile/inference.ort"
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Swap the finished bundle in; an old bundle is removed only after the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(work, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["export_bundle", "resolve_source"]

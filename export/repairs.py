@@ -1,0 +1,151 @@
+"""Graph repairs for the known onnxruntime-training 1.19.2 pitfalls, each with its reason.
+
+Each repair returns what it changed, so the export can log and record it. What cannot
+be repaired is refused with UnsupportedModelError.
+
+Example:
+    >>> from onnx import helper
+    >>> node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], name="ln")
+    >>> g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 4])],
+    ...                       [helper.make_tensor_value_info("y", 1, [1, 4])])
+    >>> m = helper.make_model(g)
+    >>> add_layernorm_stat_outputs(m)
+    ['ln']
+    >>> list(m.graph.node[0].output)
+    ['y', 'ln.__mean', 'ln.__inv_std_dev']
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+from onnx import numpy_helper
+
+from bitfit.sdk.errors import UnsupportedModelError
+
+log = logging.getLogger("bitfit.export")
+
+MAX_IR_VERSION = 10  # ORT 1.19.2 rejects newer ("Unsupported model IR version: 14"), pitfall 3
+# Ops with no gradient in ORT's gradient builder (pitfalls 5 and 7) or that make the graph
+# data-dependent in ways the training graph builder refuses.
+NO_GRADIENT_OPS = frozenset({
+    "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
+    "SequenceAt", "SplitToSequence", "ConcatFromSequence", "SequenceConstruct", "Loop", "Scan", "If",
+})
+
+
+def ensure_named_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (repairs and error messages refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+
+
+def add_layernorm_stat_outputs(model: onnx.ModelProto) -> list[str]:
+    """Add the optional Mean / InvStdDev outputs to LayerNormalization nodes.
+
+    Why: ORT's LayerNorm gradient reads them and both torch exporters omit them ->
+    ``GradientBuilderBase::O ... i < node_->OutputDefs().size() was false``
+    (ORT issues #19427, #19038; pitfall 1).
+    """
+    changed = []
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len(node.output) < 3:
+            base = node.name or node.output[0]
+            while len(node.output) < 3:
+                node.output.append(f"{base}.__mean" if len(node.output) == 1 else f"{base}.__inv_std_dev")
+            changed.append(base)
+    return changed
+
+
+def add_dropout_mask_outputs(model: onnx.ModelProto) -> list[str]:
+    """Give every Dropout its optional mask output (its gradient reads it; pitfall 2)."""
+    changed = []
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and len(node.output) < 2:
+            node.output.append(f"{node.name or node.output[0]}.__mask")
+            changed.append(node.name)
+    return changed
+
+
+def cap_ir_version(model: onnx.ModelProto) -> bool:
+    """Lower the IR version to what ORT 1.19.2 loads; returns whether it changed."""
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+        return True
+    return False
+
+
+def split_shared_biases(model: onnx.ModelProto, trainable: list[str], bias_uses: dict[str, list]) -> dict[str, list[str]]:
+    """Give every use of a shared trainable bias its own initializer.
+
+    Why: exporters de-duplicate initializers with equal values (zero-initialised biases),
+    so one tensor feeds several layers; ORT then fails with ``Duplicate definition of
+    name (..._grad)`` and the layers could not learn separate biases anyway (pitfall 4).
+    The first bias use keeps the name; each other bias use gets ``<name>.__copyN``; a
+    non-bias use keeps reading the original (frozen if it is not trainable elsewhere).
+    Returns {original: [copies]}.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    by_node = {n.name: n for n in model.graph.node}
+    refs: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            refs[name] = refs.get(name, 0) + 1
+    created: dict[str, list[str]] = {}
+    for name in trainable:
+        uses = bias_uses.get(name, [])
+        if refs.get(name, 0) <= 1 or not uses:
+            continue
+        non_bias_refs = refs[name] - len(uses)
+        if non_bias_refs > 0:
+            raise UnsupportedModelError(
+                f"bias {name} is also used as a non-bias input elsewhere in the graph; bitfit cannot train it "
+                "without changing that other use. Exclude it with exclude=[...] or export the model without merging."
+            )
+        value = numpy_helper.to_array(inits[name])
+        for k, use in enumerate(uses[1:], start=1):
+            copy = f"{name}.__copy{k}"
+            model.graph.initializer.append(numpy_helper.from_array(value.copy(), copy))
+            node = by_node[use.node]
+            node.input[use.input_index] = copy
+            created.setdefault(name, []).append(copy)
+        log.info("split shared bias %s into %d tensors", name, len(uses))
+    return created
+
+
+def refuse_unsupported(model: onnx.ModelProto) -> None:
+    """Refuse graphs bitfit cannot train, saying which ops and what to do instead."""
+    bad = sorted({n.op_type for n in model.graph.node if n.op_type in NO_GRADIENT_OPS})
+    if bad:
+        raise UnsupportedModelError(
+            f"the graph uses {', '.join(bad)}, which ONNX Runtime training cannot differentiate. "
+            "Export the float model (no dynamic quantization; weight-only QDQ is fine), with the TorchScript "
+            "exporter (dynamo=False) so torch.split does not become sequence ops, and without control flow."
+        )
+    odd = sorted({i.name for i in model.graph.initializer
+                  if i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)})
+    if odd:
+        raise UnsupportedModelError(
+            f"initializers {odd[:3]}{'...' if len(odd) > 3 else ''} are not float32; bitfit trains float32 "
+            "models on device. Export the model in float32."
+        )
+
+
+def repair_for_training(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Apply every in-place repair the training graph needs; returns what changed."""
+    refuse_unsupported(model)
+    ensure_named_nodes(model)
+    report = {
+        "layernorm_stat_outputs": add_layernorm_stat_outputs(model),
+        "dropout_mask_outputs": add_dropout_mask_outputs(model),
+    }
+    if cap_ir_version(model):
+        report["ir_version_capped"] = [str(MAX_IR_VERSION)]
+    for key, changed in report.items():
+        if changed:
+            log.info("repair %s: %d node(s)", key, len(changed))
+    return report

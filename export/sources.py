@@ -1,0 +1,429 @@
+"""Turn what the user has (a torch module, a Hugging Face directory, an .onnx file, or a
+built-in name) into one forward ONNX graph plus what validation needs.
+
+Export settings follow ../shared/ORT_TRAINING_NOTES.md: the TorchScript exporter
+(``dynamo=False``) at opset 17 with ``do_constant_folding=False`` and the model in eval
+mode keeps every bias as its own initializer named after ``named_parameters()``.
+
+Example:
+    >>> import torch
+    >>> from bitfit.export.sources import from_torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> src = from_torch(net, {"x": torch.randn(2, 4)})
+    >>> sorted(i.name for i in src.model.graph.initializer)
+    ['0.bias', '0.weight', '2.bias', '2.weight']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bitfit.sdk.bundle import Task, TextSpec
+from bitfit.sdk.errors import ExportError, UnsupportedModelError
+
+SourceKind = Literal["torch", "hf", "onnx", "minilm"]
+HFTask = Literal["text-classification", "token-classification", "feature-extraction"]
+OPSET = 17
+
+
+@dataclass
+class SourceGraph:
+    """A forward ONNX graph and the facts that travel with it into the bundle."""
+
+    model: onnx.ModelProto
+    kind: SourceKind
+    name: str
+    example_inputs: dict[str, np.ndarray]
+    reference: Callable[[dict[str, np.ndarray]], np.ndarray]
+    param_names: list[str] | None = None
+    text: TextSpec | None = None
+    tokenizer_file: Path | None = None
+    labels: list[str] | None = None
+    task: Task | None = None
+    head_weight: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_numpy_inputs(example_inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+    import torch
+
+    items = example_inputs.items() if isinstance(example_inputs, Mapping) else (
+        (f"input_{i}", v) for i, v in enumerate(example_inputs)
+    )
+    out = {}
+    for name, value in items:
+        out[name] = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return out
+
+
+def _default_dynamic_axes(inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    has_sequence = False
+    for name, arr in inputs.items():
+        axes[name] = {0: "batch"}
+        if arr.ndim == 2 and arr.dtype.kind in "iu":  # token ids / masks: [batch, sequence]
+            axes[name][1] = "sequence"
+            has_sequence = True
+    for name in output_names:
+        axes[name] = {0: "batch"}
+    if has_sequence:
+        axes["__sequence_outputs__"] = {}
+    return axes
+
+
+@contextlib.contextmanager
+def distinct_parameter_values(module: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Make every parameter and float buffer numerically distinct during export.
+
+    Why: both torch exporters merge initializers with identical values (zero-initialised
+    biases, fresh BatchNorm statistics), so names vanish and ORT's gradient builder fails
+    with ``Duplicate definition of name (..._grad)`` (notes, pitfall 4). We add a distinct
+    offset to each tensor, export, then write the true values back by name.
+    """
+    import torch
+
+    originals: dict[str, np.ndarray] = {}
+    tensors = dict(module.named_parameters())
+    tensors.update({n: b for n, b in module.named_buffers() if b.is_floating_point()})
+    with torch.no_grad():
+        for index, (name, tensor) in enumerate(tensors.items()):
+            originals[name] = tensor.detach().cpu().numpy().copy()
+            tensor.add_(1e-3 * (index + 1) + 1e-6 * torch.arange(tensor.numel(), dtype=tensor.dtype).reshape(tensor.shape))
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(torch.from_numpy(originals[name]))
+
+
+def restore_initializers(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> list[str]:
+    """Write the true values back into initializers named after parameters; returns names not found."""
+    seen = set()
+    for init in model.graph.initializer:
+        if init.name in originals:
+            value = originals[init.name]
+            if tuple(init.dims) != value.shape:
+                raise ExportError(f"exported initializer {init.name} has shape {tuple(init.dims)}, parameter has {value.shape}")
+            init.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(init).dtype), init.name))
+            seen.add(init.name)
+    return [n for n in originals if n not in seen]
+
+
+def _check_no_leftover_perturbation(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> None:
+    # An initializer that is not named after a parameter but holds perturbed values would
+    # silently change the model; validation against torch catches it, but say why here.
+    names = {i.name for i in model.graph.initializer}
+    if not names & set(originals):
+        raise ExportError(
+            "the exported graph has no initializer named after a parameter; the exporter renamed or folded "
+            "them. Export with do_constant_folding=False and the TorchScript exporter, or pass an .onnx file."
+        )
+
+
+def from_torch(
+    module: Any,
+    example_inputs: Mapping[str, Any] | Sequence[Any],
+    *,
+    output_names: list[str] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    name: str = "torch-module",
+    opset: int = OPSET,
+) -> SourceGraph:
+    """Export a ``torch.nn.Module`` to a forward ONNX graph (its first output is trained on).
+
+    ``example_inputs`` is a dict (names, in the order of ``forward``'s parameters) or a
+    tuple of tensors. Batch is dynamic; integer 2-D inputs also get a dynamic sequence.
+
+    Example:
+        >>> import torch
+        >>> src = from_torch(torch.nn.Linear(3, 2), (torch.randn(4, 3),))
+        >>> [i.name for i in src.model.graph.input]
+        ['input_0']
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    inputs = _to_numpy_inputs(example_inputs)
+    if not inputs:
+        raise ExportError("example_inputs is empty: pass one example batch (a dict or tuple of tensors)")
+    output_names = output_names or ["logits"]
+    axes = dynamic_axes or _default_dynamic_axes(inputs, output_names)
+    if "__sequence_outputs__" in axes:
+        del axes["__sequence_outputs__"]
+        with torch.no_grad():
+            probe = module.eval()(*[torch.from_numpy(a) for a in inputs.values()])
+        first = probe[0] if isinstance(probe, (tuple, list)) else probe
+        seq_len = next(a.shape[1] for a in inputs.values() if a.ndim == 2 and a.dtype.kind in "iu")
+        if getattr(first, "ndim", 0) == 3 and first.shape[1] == seq_len:
+            axes[output_names[0]][1] = "sequence"
+    was_training = module.training
+    module.eval()
+    tensors = tuple(torch.from_numpy(a) for a in inputs.values())
+    with tempfile.TemporaryDirectory() as tmp, distinct_parameter_values(module) as originals:
+        path = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, tensors, str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
+                export_params=True, input_names=list(inputs), output_names=output_names, dynamic_axes=axes,
+                training=torch.onnx.TrainingMode.EVAL,
+            )
+        model = onnx.load(str(path))
+    module.train(was_training)
+    _check_no_leftover_perturbation(model, originals)
+    restore_initializers(model, originals)
+    _keep_outputs(model, output_names[:1])
+
+    def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            out = module.eval()(*[torch.from_numpy(feeds[k]) for k in inputs])
+        module.train(was_training)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if hasattr(first, "logits"):
+            first = first.logits
+        return first.detach().cpu().numpy()
+
+    return SourceGraph(
+        model=model, kind="torch", name=name, example_inputs=inputs, reference=reference,
+        param_names=[n for n, _ in module.named_parameters()],
+    )
+
+
+def _keep_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    # generate_artifacts feeds *every* graph output to the loss block, so the forward graph
+    # must expose exactly the output the loss reads.
+    kept = [o for o in model.graph.output if o.name in names]
+    if not kept:
+        raise UnsupportedModelError(f"the graph has no output named {names}; outputs are {[o.name for o in model.graph.output]}")
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+
+
+def check_external_data(model_path: Path) -> None:
+    """Refuse an .onnx file whose external data points outside its own directory."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    root = model_path.parent.resolve()
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if Path(location).is_absolute() or root not in target.parents:
+            raise UnsupportedModelError(
+                f"initializer {init.name} stores its data at {location!r}, outside {root}; "
+                "refusing to read it. Keep external data files beside the model."
+            )
+
+
+def _synth_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    init_names = {i.name for i in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 8) for i, d in enumerate(tt.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype.kind == "f":
+            out[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in inp.name:
+            out[inp.name] = np.ones(shape, dtype)
+        else:
+            out[inp.name] = rng.integers(0, 8, size=shape).astype(dtype)
+    return out
+
+
+def from_onnx_file(
+    path: str | Path,
+    *,
+    example_inputs: Mapping[str, np.ndarray] | None = None,
+    output_name: str | None = None,
+) -> SourceGraph:
+    """Load an existing forward ``.onnx`` file whose weights are initializers.
+
+    The reference is ONNX Runtime on the file as given; example inputs are synthesised
+    from the input types when not passed (floats random, integers small, masks ones).
+
+    Example:
+        >>> src = from_onnx_file("model.onnx")                       # doctest: +SKIP
+    """
+    from bitfit.sdk.ort_training import ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist: pass the path of a forward .onnx model")
+    check_external_data(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # onnx raises DecodeError and friends
+        raise ExportError(f"{path} is not a readable ONNX model ({err})") from err
+    if not model.graph.initializer:
+        raise UnsupportedModelError(f"{path} has no initializers: bitfit needs the weights inside the graph (export with export_params=True)")
+    feeds = {k: np.asarray(v) for k, v in (example_inputs or _synth_inputs(model)).items()}
+    output = output_name or model.graph.output[0].name
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def reference(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run([output], inputs)[0]
+
+    _keep_outputs(model, [output])
+    return SourceGraph(model=model, kind="onnx", name=path.stem, example_inputs=feeds, reference=reference)
+
+
+def _hf_param_names_and_reference(hf_model: Any, input_names: list[str]) -> tuple[list[str], Callable]:
+    import torch
+
+    def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            out = hf_model(**{k: torch.from_numpy(v) for k, v in feeds.items() if k in input_names})
+        first = out.logits if hasattr(out, "logits") else out[0]
+        return first.numpy()
+
+    return [n for n, _ in hf_model.named_parameters()], reference
+
+
+def from_hf_dir(
+    path: str | Path,
+    task: HFTask,
+    *,
+    labels: list[str] | None = None,
+    max_length: int = 128,
+    head_seed: int = 0,
+) -> SourceGraph:
+    """Export a local Hugging Face model directory through optimum (``optimum-onnx``).
+
+    ``text-classification`` and ``token-classification`` use the model's own head;
+    ``feature-extraction`` grafts masked mean pooling and a new linear head over
+    ``labels`` (seeded, std 0.02) onto the encoder graph.
+
+    Example:
+        >>> src = from_hf_dir("my-bert", "text-classification")      # doctest: +SKIP
+    """
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ExportError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    loader = {"text-classification": AutoModelForSequenceClassification, "token-classification": AutoModelForTokenClassification,
+              "feature-extraction": AutoModel}.get(task)
+    if loader is None:
+        raise ExportError(f"unknown Hugging Face task {task!r}: use text-classification, token-classification or feature-extraction")
+    kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": "eager"}
+    if task == "feature-extraction" and config.model_type == "bert":
+        kwargs["add_pooling_layer"] = False
+    hf_model = loader.from_pretrained(str(path), **kwargs).eval()
+    with tempfile.TemporaryDirectory() as tmp, distinct_parameter_values(hf_model) as originals:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(hf_model, Path(tmp), opset=OPSET, do_constant_folding=False, no_post_process=True,
+                                   do_validation=False, task=task)
+        model = onnx.load(str(Path(tmp) / "model.onnx"))
+    _check_no_leftover_perturbation(model, originals)
+    restore_initializers(model, originals)
+    input_names = [i.name for i in model.graph.input]
+    rng = np.random.default_rng(0)
+    seq = min(16, max_length)
+    feeds: dict[str, np.ndarray] = {}
+    for name in input_names:
+        if name == "input_ids":
+            feeds[name] = rng.integers(5, min(getattr(config, "vocab_size", 100), 1000), size=(2, seq)).astype(np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((2, seq), np.int64)
+            feeds[name][1, seq // 2:] = 0
+        else:
+            feeds[name] = np.zeros((2, seq), np.int64)
+    param_names, reference = _hf_param_names_and_reference(hf_model, input_names)
+    tokenizer = path / "tokenizer.json"
+    text = TextSpec(tokenizer="tokenizer.json", max_length=max_length,
+                    attention_mask="attention_mask" if "attention_mask" in input_names else None,
+                    token_type_ids="token_type_ids" if "token_type_ids" in input_names else None)
+    head_weight = None
+    if task == "feature-extraction":
+        if not labels:
+            raise ExportError("feature-extraction needs labels: bitfit adds a classification head over them")
+        hidden = int(config.hidden_size)
+        weight = (rng.standard_normal((hidden, len(labels))) * 0.02).astype(np.float32)
+        graft_mean_pool_head(model, weight, np.zeros(len(labels), np.float32))
+        head_weight = "head.weight"
+        encoder_reference = reference
+
+        def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:  # noqa: F811 - the grafted head, in numpy
+            hidden_states = encoder_reference(feeds)
+            mask = feeds["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden_states * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            return pooled @ weight
+
+        param_names = param_names + ["head.weight", "head.bias"]
+        task_kind: Task = "classification"
+    elif task == "token-classification":
+        task_kind = "token-classification"
+        _keep_outputs(model, ["logits"])
+    else:
+        problem = getattr(config, "problem_type", None)
+        task_kind = "regression" if problem == "regression" or config.num_labels == 1 else (
+            "multilabel" if problem == "multi_label_classification" else "classification")
+        _keep_outputs(model, ["logits"])
+    if labels is None and task != "feature-extraction" and getattr(config, "id2label", None):
+        labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
+    return SourceGraph(
+        model=model, kind="hf", name=path.name, example_inputs=feeds, reference=reference, param_names=param_names,
+        text=text if tokenizer.is_file() else None, tokenizer_file=tokenizer if tokenizer.is_file() else None,
+        labels=labels, task=task_kind, head_weight=head_weight,
+    )
+
+
+def graft_mean_pool_head(model: onnx.ModelProto, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Append masked mean pooling over ``last_hidden_state`` and a linear head (``logits``)."""
+    from onnx import helper
+
+    hidden = next((o.name for o in model.graph.output if o.name == "last_hidden_state"), model.graph.output[0].name)
+    g = model.graph
+    g.initializer.extend([
+        numpy_helper.from_array(weight, "head.weight"), numpy_helper.from_array(bias, "head.bias"),
+        numpy_helper.from_array(np.array([-1], np.int64), "pool.axes_last"),
+        numpy_helper.from_array(np.array([1], np.int64), "pool.axes_seq"),
+        numpy_helper.from_array(np.array(1e-9, np.float32), "pool.eps"),
+    ])
+    g.node.extend([
+        helper.make_node("Cast", ["attention_mask"], ["pool.mask_f"], to=onnx.TensorProto.FLOAT, name="pool.cast"),
+        helper.make_node("Unsqueeze", ["pool.mask_f", "pool.axes_last"], ["pool.mask3"], name="pool.unsqueeze"),
+        helper.make_node("Mul", [hidden, "pool.mask3"], ["pool.masked"], name="pool.mul"),
+        helper.make_node("ReduceSum", ["pool.masked", "pool.axes_seq"], ["pool.sum"], keepdims=0, name="pool.sum"),
+        helper.make_node("ReduceSum", ["pool.mask3", "pool.axes_seq"], ["pool.count"], keepdims=0, name="pool.count"),
+        helper.make_node("Max", ["pool.count", "pool.eps"], ["pool.count_safe"], name="pool.clip"),
+        helper.make_node("Div", ["pool.sum", "pool.count_safe"], ["pool.mean"], name="pool.div"),
+        helper.make_node("Gemm", ["pool.mean", "head.weight", "head.bias"], ["logits"], name="head.gemm"),
+    ])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", len(bias)]))
+
+
+def copy_tokenizer(source: Path, bundle_dir: Path) -> str:
+    """Copy ``tokenizer.json`` into the bundle (checked to load with ``tokenizers``)."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(source))
+    except Exception as err:
+        raise ExportError(f"{source} is not a tokenizers-library tokenizer.json ({err})") from err
+    shutil.copyfile(source, bundle_dir / "tokenizer.json")
+    json.loads((bundle_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    return "tokenizer.json"

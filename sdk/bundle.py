@@ -1,0 +1,297 @@
+"""The bundle format: a directory with ONNX Runtime training artifacts, an inference
+model, the base weights (stored once) and ``manifest.json``. This module is the
+format's only reader and writer; ``docs/bundle-format.md`` is its spec.
+
+Example:
+    >>> from bitfit.sdk.bundle import Bundle
+    >>> b = Bundle.open("bundles/minilm-sentiment")          # doctest: +SKIP
+    >>> b.manifest.labels, len(b.manifest.trainable)           # doctest: +SKIP
+    (['negative', 'neutral', 'positive'], 50)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from .errors import BundleInvalidError
+
+BUNDLE_FORMAT = "bitfit-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Task = Literal["classification", "regression", "multilabel", "token-classification", "causal-lm"]
+LossName = Literal["cross-entropy", "mse", "bce-with-logits", "token-cross-entropy"]
+OptimizerName = Literal["adamw", "sgd"]
+TensorRole = Literal["bias", "head-weight", "other"]
+
+# The file keys a bundle must have; optional ones are listed in the spec.
+REQUIRED_FILES = ("training_model", "eval_model", "optimizer_model", "checkpoint", "inference_model", "weights")
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One model input or output: name, element type and shape (ints or symbolic names)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class TrainableTensor:
+    """One trainable tensor: its name in every model of the bundle, its shape and role.
+
+    ``inference_shape`` is the shape the inference model's overridable input takes for
+    a single user (``[1, d]`` for a per-row bias: feed ``[batch, d]`` to give each row
+    its own bias; equal to ``shape`` otherwise).
+    """
+
+    name: str
+    shape: list[int]
+    dtype: str
+    role: TensorRole
+    inference_shape: list[int]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How text becomes model inputs: the tokenizer file and the input names it fills."""
+
+    tokenizer: str
+    max_length: int
+    input_ids: str = "input_ids"
+    attention_mask: str | None = "attention_mask"
+    token_type_ids: str | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """Everything a device needs to know about a bundle, as stored in ``manifest.json``."""
+
+    base_fingerprint: str
+    task: Task
+    loss: LossName
+    optimizer: OptimizerName
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    trainable: list[TrainableTensor]
+    files: dict[str, FileEntry]
+    policy: dict[str, Any]
+    labels: list[str] | None = None
+    text: TextSpec | None = None
+    ignore_index: int | None = None
+    per_row: bool = False
+    label_input: str = "labels"
+    source: dict[str, Any] = field(default_factory=dict)
+    opset: int = 17
+    ort_version: str = ""
+    validation: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    format: str = BUNDLE_FORMAT
+    format_version: int = BUNDLE_FORMAT_VERSION
+
+    @property
+    def logits_output(self) -> str:
+        return self.outputs[0].name
+
+    @property
+    def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {t.name: tuple(t.shape) for t in self.trainable}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        """Parse and check a manifest; any problem is a BundleInvalidError."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise BundleInvalidError(f"manifest.json is not valid JSON ({err}); re-export the bundle") from err
+        if not isinstance(raw, dict):
+            raise BundleInvalidError("manifest.json must hold a JSON object; re-export the bundle")
+        if raw.get("format") != BUNDLE_FORMAT:
+            raise BundleInvalidError(f"manifest.json format is {raw.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        version = raw.get("format_version")
+        if version != BUNDLE_FORMAT_VERSION:
+            raise BundleInvalidError(
+                f"bundle format_version {version!r} is not supported by this bitfit "
+                f"(reads version {BUNDLE_FORMAT_VERSION}); re-export with a matching bitfit"
+            )
+        try:
+            manifest = cls(
+                **{
+                    **raw,
+                    "inputs": [IOSpec(**x) for x in raw["inputs"]],
+                    "outputs": [IOSpec(**x) for x in raw["outputs"]],
+                    "trainable": [TrainableTensor(**x) for x in raw["trainable"]],
+                    "files": {k: FileEntry(**v) for k, v in raw["files"].items()},
+                    "text": TextSpec(**raw["text"]) if raw.get("text") else None,
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise BundleInvalidError(f"manifest.json is missing or has malformed fields ({err}); re-export the bundle") from err
+        manifest._check()
+        return manifest
+
+    def _check(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.task in get_args(Task), f"unknown task {self.task!r}"),
+            (self.loss in get_args(LossName), f"unknown loss {self.loss!r}"),
+            (self.optimizer in get_args(OptimizerName), f"unknown optimizer {self.optimizer!r}"),
+            (bool(self.trainable), "no trainable tensors"),
+            (bool(self.outputs), "no outputs"),
+            (isinstance(self.base_fingerprint, str) and self.base_fingerprint.startswith("sha256:"), "bad base_fingerprint"),
+            (all(k in self.files for k in REQUIRED_FILES), f"files must list {', '.join(REQUIRED_FILES)}"),
+            (self.labels is None or all(isinstance(x, str) for x in self.labels), "labels must be strings"),
+            (len({t.name for t in self.trainable}) == len(self.trainable), "duplicate trainable tensor names"),
+        ]
+        for t in self.trainable:
+            checks.append((all(isinstance(d, int) and d > 0 for d in t.shape), f"bad shape for {t.name}"))
+        for ok, problem in checks:
+            if not ok:
+                raise BundleInvalidError(f"manifest.json: {problem}; re-export the bundle")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+        >>> sha256_file(p)[:12]
+        'ba7816bf8f01'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_tensors(tensors: dict[str, np.ndarray]) -> str:
+    """The base fingerprint: sha256 over every base tensor, sorted by name.
+
+    For each name: utf-8 name, NUL, dtype name, NUL, shape as JSON, NUL, the C-order
+    little-endian bytes. A delta records it; a delta with another one is refused.
+
+    Example:
+        >>> fingerprint_tensors({"b": np.zeros(2, np.float32)})[:15]
+        'sha256:013ce9e8'
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        digest.update(name.encode("utf-8") + b"\0" + str(arr.dtype).encode() + b"\0")
+        digest.update(json.dumps(list(arr.shape)).encode() + b"\0")
+        digest.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _inside(root: Path, relative: str) -> Path:
+    if not relative or os.path.isabs(relative) or "\\" in relative or any(p in ("..", "") for p in relative.split("/")):
+        raise BundleInvalidError(f"bundle file path {relative!r} must be a plain relative path inside the bundle")
+    path = (root / relative).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleInvalidError(f"bundle file {relative!r} resolves outside the bundle directory; refusing it")
+    return path
+
+
+class Bundle:
+    """A bundle directory opened for reading, with its manifest checked.
+
+    ``verify`` controls the file check: "hashes" (default) re-hashes every listed file,
+    "sizes" only compares sizes (fast start on slow storage), "none" trusts the files.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: Literal["hashes", "sizes", "none"] = "hashes") -> "Bundle":
+        """Open and check a bundle directory.
+
+        Example:
+            >>> Bundle.open("/nonexistent")
+            Traceback (most recent call last):
+            ...
+            bitfit.sdk.errors.BundleInvalidError: /nonexistent is not a bundle directory (no manifest.json): export one with `bitfit export`
+        """
+        root = Path(os.path.expanduser(str(path)))
+        manifest_path = root / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BundleInvalidError(f"{path} is not a bundle directory (no {MANIFEST_NAME}): export one with `bitfit export`")
+        try:
+            text = manifest_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise BundleInvalidError(f"cannot read {manifest_path}: {err}") from err
+        manifest = Manifest.from_json(text)
+        bundle = cls(root, manifest)
+        for key, entry in manifest.files.items():
+            file_path = _inside(root, entry.path)
+            if not file_path.is_file():
+                raise BundleInvalidError(f"bundle file {entry.path!r} ({key}) is missing; copy the whole bundle directory")
+            if verify != "none" and file_path.stat().st_size != entry.bytes:
+                raise BundleInvalidError(f"bundle file {entry.path!r} has {file_path.stat().st_size} bytes, manifest says {entry.bytes}: the bundle is incomplete or altered; copy it again")
+            if verify == "hashes" and sha256_file(file_path) != entry.sha256:
+                raise BundleInvalidError(f"bundle file {entry.path!r} does not match its sha256 in the manifest: the bundle was altered or damaged; copy it again")
+        return bundle
+
+    def file(self, key: str) -> Path:
+        """Absolute path of a bundle file by its manifest key (e.g. "inference_model")."""
+        if key not in self.manifest.files:
+            raise BundleInvalidError(f"this bundle has no {key!r} file; re-export it with the option that writes one")
+        return _inside(self.path, self.manifest.files[key].path)
+
+    def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The base model's tensors (all, or only ``names``) as float arrays, from ``weights``."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import safe_open
+
+        try:
+            with safe_open(str(self.file("weights")), framework="numpy") as fh:
+                keys = names if names is not None else list(fh.keys())
+                return {k: fh.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, KeyError) as err:
+            raise BundleInvalidError(f"cannot read the bundle's weights ({err}); re-export the bundle") from err
+
+    def trainable_base(self) -> dict[str, np.ndarray]:
+        """The base values of the trainable tensors, in manifest order."""
+        return self.base_weights([t.name for t in self.manifest.trainable])
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (temp file + fsync + rename)."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_name(f".tmp-{MANIFEST_NAME}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(manifest.to_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def file_entry(directory: str | os.PathLike, relative: str) -> FileEntry:
+    """Hash and size of one bundle file, as recorded in the manifest."""
+    full = Path(directory) / relative
+    return FileEntry(path=relative, sha256=sha256_file(full), bytes=full.stat().st_size)

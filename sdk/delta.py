@@ -1,0 +1,828 @@
+"""The delta file: one user's trained tensors, stored as differences from the base.
+
+A delta is what personalization produces and what the predictor applies: for each
+trainable tensor, ``trained - base``, encoded as fp32, fp16 or int8 in a safetensors
+file whose metadata ties it to one base model (its fingerprint) and carries a
+checksum. ``docs/delta-format.md`` is the spec (format_version 1); this module is the
+format's only reader and writer.
+
+Example:
+    >>> import numpy as np
+    >>> from bitfit.sdk.delta import Delta, decode_delta, encode_delta
+    >>> base = {"classifier.bias": np.zeros(3, np.float32)}
+    >>> trained = {"classifier.bias": np.array([0.5, -0.25, 0.0], np.float32)}
+    >>> delta = Delta.from_params(trained, base, base_fingerprint="sha256:00")
+    >>> decode_delta(encode_delta(delta)).apply_to(base)["classifier.bias"].tolist()
+    [0.5, -0.25, 0.0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args
+
+import numpy as np
+
+from .errors import (
+    DecryptionError,
+    DeltaCorruptError,
+    DeltaMismatchError,
+    DeltaNotFoundError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    StoreWriteError,
+    TrainingDivergedError,
+)
+
+Encoding = Literal["fp32", "fp16", "int8"]
+
+FORMAT = "bitfit-delta"
+FORMAT_VERSION = "1"
+SCALE_SUFFIX = "::scale"
+ENCRYPTED_MAGIC = b"BFDELTA-AESGCM1\n"
+TEMP_PREFIX = ".tmp-"
+# Far above any bias-only delta (a 7B model has a few MB of biases); it only stops a
+# stray huge file from being read into memory whole.
+MAX_DELTA_BYTES = 256 * 1024 * 1024
+
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_KEY_SIZES = (16, 24, 32)
+_FP16_MAX = float(np.finfo(np.float16).max)
+_STORED_DTYPE: dict[str, str] = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
+_NUMPY_DTYPE: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1")}
+_METADATA_KEYS = ("format", "format_version", "base_fingerprint", "encoding", "created", "info", "tensors", "checksum")
+_CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """One user's trained tensors as float32 differences from the base model.
+
+    Fields:
+        tensors: name -> ``trained - base`` (float32, read-only copies, sorted by name).
+        base_fingerprint: the fingerprint of the base weights the delta was trained on.
+        encoding: how the file stores the values: "fp32", "fp16" (default) or "int8".
+        created: ISO-8601 UTC time of creation.
+        info: free JSON-able facts (steps, examples, metrics, seconds, ...). numpy
+            scalars and arrays are converted; NaN and inf are refused (not JSON).
+
+    Construction validates everything (names, finiteness, fp16 range, JSON-ability) so a
+    ``Delta`` in hand can always be encoded.
+
+    Example:
+        >>> import numpy as np
+        >>> d = Delta({"b": np.array([1.0, 2.0])}, base_fingerprint="sha256:00", encoding="fp32")
+        >>> d.tensors["b"].dtype, d.nbytes
+        (dtype('float32'), 8)
+    """
+
+    tensors: dict[str, np.ndarray]
+    base_fingerprint: str
+    encoding: Encoding = "fp16"
+    created: str = field(default_factory=_now)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.encoding not in get_args(Encoding):
+            raise InvalidArgumentError(f"encoding must be one of {get_args(Encoding)}, got {self.encoding!r}")
+        if not isinstance(self.base_fingerprint, str) or not self.base_fingerprint or "\0" in self.base_fingerprint:
+            raise InvalidArgumentError(
+                f"base_fingerprint must be a non-empty str (the bundle's manifest has it), got {self.base_fingerprint!r}"
+            )
+        _check_created(self.created)
+        object.__setattr__(self, "info", _normalize_info(self.info))
+        object.__setattr__(self, "tensors", _normalize_tensors(self.tensors, self.encoding))
+
+    @classmethod
+    def from_params(
+        cls,
+        trained: Mapping[str, np.ndarray],
+        base: Mapping[str, np.ndarray],
+        base_fingerprint: str,
+        encoding: Encoding = "fp16",
+        info: Mapping[str, Any] | None = None,
+    ) -> "Delta":
+        """Build the delta ``trained - base`` for every tensor name in ``base``.
+
+        The differences are rounded through ``encoding`` right away, so the delta in
+        memory holds exactly the values a reader of the saved file gets back (the
+        predictor then behaves the same before and after a save).
+
+        Args:
+            trained: the tensors after training; names not in ``base`` are ignored.
+            base: the trainable tensors of the base model (name -> array).
+            base_fingerprint: the bundle's base fingerprint.
+            encoding: "fp32", "fp16" or "int8".
+            info: free JSON-able facts about the run.
+
+        Returns:
+            The ``Delta``.
+
+        Raises:
+            DeltaMismatchError: a base tensor is missing from ``trained`` or has another shape.
+            TrainingDivergedError: a trained value (or a difference) is NaN or infinite.
+
+        Example:
+            >>> import numpy as np
+            >>> base = {"b": np.array([1.0, 1.0], np.float32)}
+            >>> d = Delta.from_params({"b": np.array([1.5, 0.0])}, base, "sha256:00", encoding="fp32")
+            >>> d.tensors["b"].tolist()
+            [0.5, -1.0]
+        """
+        missing = sorted(set(base) - set(trained))
+        shapes = {
+            name: (tuple(np.shape(trained[name])), tuple(np.shape(base[name])))
+            for name in base
+            if name in trained and np.shape(trained[name]) != np.shape(base[name])
+        }
+        if missing or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing from the trained tensors: {_names(missing)}")
+            if shapes:
+                parts.append(
+                    "shapes differ: " + ", ".join(f"{n} trained {t} vs base {b}" for n, (t, b) in sorted(shapes.items()))
+                )
+            raise DeltaMismatchError(
+                "cannot build a delta: " + "; ".join(parts) + ". Pass the trainable tensors of the same bundle."
+            )
+        diffs: dict[str, np.ndarray] = {}
+        diverged: list[str] = []
+        for name in sorted(base):
+            with np.errstate(all="ignore"):
+                t = np.asarray(trained[name], dtype=np.float64)
+                d = (t - np.asarray(base[name], dtype=np.float64)).astype(np.float32)
+            if not (np.isfinite(t).all() and np.isfinite(d).all()):
+                diverged.append(name)
+            diffs[name] = d
+        if diverged:
+            raise TrainingDivergedError(
+                f"training produced NaN or infinite values in {_names(diverged)}; no delta was made and the "
+                "previous one is kept. Lower the learning rate or the number of steps and personalize again."
+            )
+        encoding_ok = encoding if encoding in get_args(Encoding) else "fp32"  # __post_init__ reports a bad one
+        rounded = {name: _round_trip(d, encoding_ok) for name, d in diffs.items()}
+        return cls(rounded, base_fingerprint, encoding, info=dict(info or {}))
+
+    @classmethod
+    def zeros_like(
+        cls, base: Mapping[str, np.ndarray], base_fingerprint: str, encoding: Encoding = "fp16"
+    ) -> "Delta":
+        """A delta that changes nothing: zeros shaped like ``base``.
+
+        Example:
+            >>> import numpy as np
+            >>> Delta.zeros_like({"b": np.ones(2, np.float32)}, "sha256:00").tensors["b"].tolist()
+            [0.0, 0.0]
+        """
+        return cls({n: np.zeros(np.shape(a), np.float32) for n, a in base.items()}, base_fingerprint, encoding)
+
+    def apply_to(self, base: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return ``base + delta`` as float32; base tensors the delta does not touch pass through.
+
+        Raises:
+            DeltaMismatchError: a delta tensor is not in ``base`` or has another shape.
+
+        Example:
+            >>> import numpy as np
+            >>> d = Delta({"b": np.array([0.5, 0.5])}, "sha256:00", encoding="fp32")
+            >>> d.apply_to({"b": np.array([1.0, 2.0], np.float32)})["b"].tolist()
+            [1.5, 2.5]
+        """
+        check_delta_fits(
+            self,
+            base_fingerprint=self.base_fingerprint,
+            shapes={n: tuple(np.shape(base[n])) for n in base},
+            allow_subset=True,
+        )
+        out = {name: np.asarray(value, dtype=np.float32) for name, value in base.items()}
+        for name, d in self.tensors.items():
+            out[name] = out[name] + d
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file (the payload, without the header).
+
+        Example:
+            >>> import numpy as np
+            >>> Delta({"b": np.zeros(10)}, "sha256:00", encoding="int8").nbytes  # 10 int8 + 1 float32 scale
+            14
+        """
+        per_value = {"fp32": 4, "fp16": 2, "int8": 1}[self.encoding]
+        scales = 4 * len(self.tensors) if self.encoding == "int8" else 0
+        return sum(int(a.size) for a in self.tensors.values()) * per_value + scales
+
+
+def encode_delta(delta: Delta, *, key: bytes | None = None) -> bytes:
+    """Encode a delta as the bytes of a delta file (encrypted with AES-256-GCM if ``key``).
+
+    Args:
+        delta: the delta.
+        key: 16, 24 or 32 bytes to encrypt at rest (needs the ``cryptography`` package).
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        InvalidArgumentError: ``delta`` is not a ``Delta`` or the key has a wrong size.
+        MissingDependencyError: a key was given and ``cryptography`` is not installed.
+
+    Example:
+        >>> import numpy as np
+        >>> data = encode_delta(Delta({"b": np.zeros(4)}, "sha256:00"))
+        >>> decode_delta(data).tensors["b"].shape
+        (4,)
+    """
+    if not isinstance(delta, Delta):
+        raise InvalidArgumentError(f"encode_delta needs a Delta, got {type(delta).__name__}")
+    if key is not None:
+        key = validate_key(key)
+    from safetensors.numpy import save
+
+    stored = _stored_tensors(delta)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_fingerprint": delta.base_fingerprint,
+        "encoding": delta.encoding,
+        "created": delta.created,
+        "info": _dump_json(delta.info),
+        "tensors": _dump_json([[name, list(a.shape)] for name, a in delta.tensors.items()]),
+    }
+    metadata["checksum"] = _checksum(
+        metadata, [(name, _STORED_DTYPE_OF_ARRAY[a.dtype.str], a.shape, a.tobytes()) for name, a in stored.items()]
+    )
+    plain = save(stored, metadata=metadata)
+    return plain if key is None else _encrypt(plain, key)
+
+
+def decode_delta(data: bytes, *, key: bytes | None = None) -> Delta:
+    """Decode and verify the bytes of a delta file.
+
+    Every defect of the bytes (truncated, altered, not a delta, unsupported version,
+    checksum mismatch, NaN, missing scale, ...) raises ``DeltaCorruptError``; nothing
+    else escapes for bad input.
+
+    Args:
+        data: the file's bytes.
+        key: the key the file was encrypted with, or None for a plain file.
+
+    Returns:
+        The ``Delta``.
+
+    Raises:
+        DeltaCorruptError: the bytes are not a valid delta file.
+        DecryptionError: (a DeltaCorruptError) wrong key, altered ciphertext, an encrypted
+            file without a key, or a plain file when a key was given.
+        InvalidArgumentError: the key has a wrong size.
+        MissingDependencyError: a key was given and ``cryptography`` is not installed.
+
+    Example:
+        >>> import numpy as np
+        >>> d = Delta({"b": np.array([0.25])}, "sha256:00", encoding="int8", info={"steps": 3})
+        >>> back = decode_delta(encode_delta(d))
+        >>> back.tensors["b"].tolist(), back.encoding, back.info
+        ([0.25], 'int8', {'steps': 3})
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DeltaCorruptError(f"a delta file's content must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    encrypted = data.startswith(ENCRYPTED_MAGIC)
+    if key is not None:
+        key = validate_key(key)
+        if not encrypted:
+            # Accepting it would let anyone who can write the store swap in a plain file.
+            raise DecryptionError(
+                "the delta file is not encrypted but a key was given; refusing it, since an unencrypted file "
+                "may have been swapped in. Delete it and personalize again."
+            )
+        data = _decrypt(data, key)
+    elif encrypted:
+        raise DecryptionError("the delta file is encrypted: pass the key it was saved with (key=...)")
+    return _decode_plain(data)
+
+
+def save_delta(path: str | os.PathLike, delta: Delta, *, key: bytes | None = None) -> None:
+    """Write a delta file atomically: the file at ``path`` is either the old one or the new one.
+
+    Raises:
+        StoreWriteError: the file could not be written (disk full, read-only, ...); any
+            previous file at ``path`` is intact and no temporary file is left.
+
+    Example:
+        >>> import numpy as np, tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "u.delta"
+        >>> save_delta(p, Delta({"b": np.zeros(2)}, "sha256:00"))
+        >>> load_delta(p).base_fingerprint
+        'sha256:00'
+    """
+    write_file_atomic(path, encode_delta(delta, key=key))
+
+
+def load_delta(path: str | os.PathLike, *, key: bytes | None = None) -> Delta:
+    """Read, verify and decode a delta file.
+
+    Raises:
+        DeltaNotFoundError: there is no file at ``path``.
+        DeltaCorruptError: the file cannot be read or is not a valid delta (the message
+            starts with the path).
+
+    Example:
+        >>> import numpy as np, tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "u.delta"
+        >>> save_delta(p, Delta({"b": np.ones(2)}, "sha256:00", encoding="fp32"))
+        >>> load_delta(p).tensors["b"].tolist()
+        [1.0, 1.0]
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_DELTA_BYTES + 1)
+    except FileNotFoundError as err:
+        raise DeltaNotFoundError(f"no delta file at {path}") from err
+    except OSError as err:
+        raise DeltaCorruptError(f"{path}: cannot read the delta file ({err.strerror or err}); check its permissions") from err
+    if len(data) > MAX_DELTA_BYTES:
+        raise DeltaCorruptError(f"{path}: larger than {MAX_DELTA_BYTES} bytes, not a bias delta")
+    try:
+        return decode_delta(data, key=key)
+    except DeltaCorruptError as err:
+        raise type(err)(f"{path}: {err}") from err
+
+
+def check_delta_fits(
+    delta: Delta,
+    *,
+    base_fingerprint: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    allow_subset: bool = False,
+) -> None:
+    """Check that a delta belongs to this base model and has its trainable tensors.
+
+    Args:
+        delta: the delta.
+        base_fingerprint: the fingerprint of the base the delta will be applied to.
+        shapes: name -> shape of that base's trainable tensors.
+        allow_subset: accept a delta that covers only some of ``shapes``.
+
+    Raises:
+        DeltaMismatchError: the fingerprint differs, or tensors are missing, extra or
+            mis-shaped; the message names them.
+
+    Example:
+        >>> import numpy as np
+        >>> d = Delta({"b": np.zeros(2)}, "sha256:00")
+        >>> check_delta_fits(d, base_fingerprint="sha256:00", shapes={"b": (2,)})
+        >>> try:
+        ...     check_delta_fits(d, base_fingerprint="sha256:00", shapes={"b": (3,)})
+        ... except DeltaMismatchError as err:
+        ...     print(str(err).split(";")[0])
+        the delta does not fit this model: mis-shaped b (delta (2,), model (3,))
+    """
+    problems: list[str] = []
+    if delta.base_fingerprint != base_fingerprint:
+        problems.append(f"it was trained on base {delta.base_fingerprint}, this model is {base_fingerprint}")
+    names, wanted = set(delta.tensors), set(shapes)
+    missing = [] if allow_subset else sorted(wanted - names)
+    extra = sorted(names - wanted)
+    wrong = [
+        f"{n} (delta {tuple(delta.tensors[n].shape)}, model {tuple(shapes[n])})"
+        for n in sorted(names & wanted)
+        if tuple(delta.tensors[n].shape) != tuple(shapes[n])
+    ]
+    if wrong:
+        problems.append("mis-shaped " + ", ".join(wrong))
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if extra:
+        problems.append(f"extra {_names(extra)}")
+    if problems:
+        raise DeltaMismatchError(
+            "the delta does not fit this model: " + "; ".join(problems)
+            + "; a delta only works with the bundle it was trained on: re-personalize with this bundle"
+        )
+
+
+def validate_key(key: Any) -> bytes:
+    """Return ``key`` as bytes if it is a valid AES key (16, 24 or 32 bytes).
+
+    Raises:
+        InvalidArgumentError: it is not bytes or has another length.
+
+    Example:
+        >>> len(validate_key(bytes(32)))
+        32
+    """
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"key must be bytes (16, 24 or 32 of them, e.g. os.urandom(32)), got {type(key).__name__}")
+    key = bytes(key)
+    if len(key) not in _KEY_SIZES:
+        raise InvalidArgumentError(f"key must be 16, 24 or 32 bytes (AES-128/192/256), got {len(key)}; use os.urandom(32)")
+    return key
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data`` so that a crash leaves the old or the new file.
+
+    Writes a ``.tmp-`` file in the same directory, fsyncs it, renames it over ``path``
+    and fsyncs the directory (so the rename itself survives a power cut).
+
+    Raises:
+        StoreWriteError: the write failed; the old file is intact and the temp file removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "HEAD"
+        >>> write_file_atomic(p, b"1")
+        >>> p.read_bytes()
+        b'1'
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=path.parent)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise _write_error(path, err) from err
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------- private helpers
+
+_STORED_DTYPE_OF_ARRAY = {"<f4": "F32", "<f2": "F16", "|i1": "I8"}
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _dump_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _check_created(created: Any) -> None:
+    if not isinstance(created, str):
+        raise InvalidArgumentError(f"created must be an ISO-8601 str, got {type(created).__name__}")
+    try:
+        datetime.fromisoformat(created)
+    except ValueError as err:
+        raise InvalidArgumentError(f"created must be an ISO-8601 time, got {created!r}") from err
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
+
+
+def _normalize_info(info: Any) -> dict[str, Any]:
+    if not isinstance(info, Mapping):
+        raise InvalidArgumentError(f"info must be a dict, got {type(info).__name__}")
+    try:
+        # Through JSON and back, so the in-memory info equals what a reader gets.
+        return json.loads(json.dumps(dict(info), default=_json_default, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as err:
+        raise InvalidArgumentError(f"info must be JSON-able without NaN or inf: {err}") from err
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"tensor names must be non-empty str, got {name!r}")
+    if "\0" in name or name == "__metadata__" or name.endswith(SCALE_SUFFIX):
+        raise InvalidArgumentError(
+            f"tensor name {name!r} is reserved by the delta format (NUL, '__metadata__' or a '{SCALE_SUFFIX}' suffix)"
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidArgumentError(f"tensor name {name!r} is not valid unicode (lone surrogate)") from err
+
+
+def _normalize_tensors(tensors: Any, encoding: str) -> dict[str, np.ndarray]:
+    if not isinstance(tensors, Mapping):
+        raise InvalidArgumentError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
+    out: dict[str, np.ndarray] = {}
+    bad: list[str] = []
+    for name in sorted(tensors, key=lambda n: _utf8(n) if isinstance(n, str) else b""):
+        _check_name(name)
+        try:
+            with np.errstate(all="ignore"):
+                array = np.array(tensors[name], dtype=np.float32, copy=True, order="C")
+        except (TypeError, ValueError) as err:
+            raise InvalidArgumentError(f"tensor {name!r} is not numeric: {err}") from err
+        if not np.isfinite(array).all():
+            bad.append(name)
+        elif encoding == "fp16" and array.size and float(np.max(np.abs(array))) > _FP16_MAX:
+            raise TrainingDivergedError(
+                f"tensor {name!r} has differences beyond the fp16 range ({_FP16_MAX:g}); "
+                "that usually means training diverged. Use encoding='fp32' if it is intended."
+            )
+        array.flags.writeable = False
+        out[name] = array
+    if bad:
+        raise TrainingDivergedError(f"the delta has NaN or infinite values in {_names(bad)}; it was not saved")
+    return out
+
+
+def _int8_quantize(d: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    peak = float(np.max(np.abs(d))) if d.size else 0.0
+    if peak == 0.0:
+        scale = np.float32(1.0)  # any positive scale decodes zeros; 1.0 is the spec's choice
+    else:
+        # max(): peak/127 underflows to 0 for subnormal peaks; clipping below keeps q in range.
+        scale = np.float32(max(peak / 127.0, float(np.finfo(np.float32).smallest_subnormal)))
+    with np.errstate(all="ignore"):
+        q = np.clip(np.rint(d / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _int8_dequantize(q: np.ndarray, scale: np.float32) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(scale)
+
+
+def _round_trip(d: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "fp16":
+        with np.errstate(all="ignore"):
+            return d.astype(np.float16).astype(np.float32)
+    if encoding == "int8":
+        return _int8_dequantize(*_int8_quantize(d))
+    return d
+
+
+def _stored_tensors(delta: Delta) -> dict[str, np.ndarray]:
+    stored: dict[str, np.ndarray] = {}
+    for name, d in delta.tensors.items():
+        if delta.encoding == "fp32":
+            stored[name] = np.ascontiguousarray(d, dtype="<f4")
+        elif delta.encoding == "fp16":
+            stored[name] = np.ascontiguousarray(d.astype("<f2"))
+        else:
+            q, scale = _int8_quantize(d)
+            stored[name] = np.ascontiguousarray(q)
+            stored[name + SCALE_SUFFIX] = np.array(scale, dtype="<f4")  # shape []
+    return stored
+
+
+def _checksum(metadata: Mapping[str, str], tensors: list[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """sha256 over the metadata and the stored tensors, exactly as docs/delta-format.md defines it."""
+    h = hashlib.sha256()
+    for key in sorted((k for k in metadata if k != "checksum"), key=_utf8):
+        h.update(_utf8(key) + b"\0" + _utf8(metadata[key]) + b"\0")
+    for name, dtype, shape, raw in sorted(tensors, key=lambda t: _utf8(t[0])):
+        h.update(_utf8(name) + b"\0" + dtype.encode("ascii") + b"\0")
+        h.update(json.dumps([int(s) for s in shape], separators=(",", ":")).encode("ascii") + b"\0")
+        h.update(raw)
+    return "sha256:" + h.hexdigest()
+
+
+def _aesgcm(key: bytes) -> Any:
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError as err:
+        raise MissingDependencyError(
+            "encrypted deltas need the 'cryptography' package: pip install cryptography "
+            "(or pip install 'bitfit[crypto]')"
+        ) from err
+    return AESGCM(key)
+
+
+def _encrypt(plain: bytes, key: bytes) -> bytes:
+    nonce = os.urandom(_NONCE_BYTES)
+    return ENCRYPTED_MAGIC + nonce + _aesgcm(key).encrypt(nonce, plain, ENCRYPTED_MAGIC)
+
+
+def _decrypt(data: bytes, key: bytes) -> bytes:
+    aes = _aesgcm(key)
+    start = len(ENCRYPTED_MAGIC)
+    if len(data) < start + _NONCE_BYTES + _TAG_BYTES:
+        raise DecryptionError(f"the encrypted delta is truncated ({len(data)} bytes)")
+    nonce, ciphertext = data[start : start + _NONCE_BYTES], data[start + _NONCE_BYTES :]
+    try:
+        return aes.decrypt(nonce, ciphertext, ENCRYPTED_MAGIC)
+    except Exception as err:  # cryptography raises InvalidTag; anything else is as bad
+        raise DecryptionError(
+            "the encrypted delta could not be authenticated: wrong key, or the file was altered"
+        ) from err
+
+
+def _corrupt(why: str) -> DeltaCorruptError:
+    return DeltaCorruptError(f"{why}; the delta cannot be used: delete it and personalize again")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+    """Validate the safetensors framing; return (metadata, name -> (dtype, shape, start, end), data start)."""
+    if len(data) < 8:
+        raise _corrupt(f"the file is {len(data)} bytes, too short for a safetensors header (truncated or empty)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise _corrupt(f"the header claims {n} bytes but the file has {len(data) - 8} after the length (truncated or not a delta)")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _corrupt(f"the safetensors header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise _corrupt("the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise _corrupt("the file has no bitfit-delta metadata (it may be another safetensors file)")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt("the metadata has non-string values")
+    if any("\0" in k or "\0" in v for k, v in metadata.items()):
+        raise _corrupt("the metadata contains NUL characters")
+    buffer_len = len(data) - 8 - n
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, entry in header.items():
+        if "\0" in name or not name:
+            raise _corrupt("a tensor name is empty or contains NUL")
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _corrupt(f"tensor {name!r} has a malformed header entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _NUMPY_DTYPE:
+            raise _corrupt(f"tensor {name!r} has dtype {dtype!r}; a delta stores only F32, F16 or I8")
+        if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
+            raise _corrupt(f"tensor {name!r} has a malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise _corrupt(f"tensor {name!r} has malformed data_offsets")
+        start, end = offsets
+        if not start <= end <= buffer_len or end - start != math.prod(shape) * _NUMPY_DTYPE[dtype].itemsize:
+            raise _corrupt(f"tensor {name!r} has data_offsets that do not match its shape or the file size")
+        entries[name] = (dtype, tuple(shape), start, end)
+    position = 0
+    for _, _, start, end in sorted(entries.values(), key=lambda e: (e[2], e[3])):
+        if start != position:
+            raise _corrupt("the tensor data has gaps or overlaps")
+        position = end
+    if position != buffer_len:
+        raise _corrupt("the tensor data does not fill the file (trailing or missing bytes)")
+    return metadata, entries, 8 + n
+
+
+def _parse_tensor_list(text: str) -> dict[str, tuple[int, ...]]:
+    try:
+        listed = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise _corrupt("metadata 'tensors' is not JSON") from err
+    if not isinstance(listed, list):
+        raise _corrupt("metadata 'tensors' is not a list")
+    out: dict[str, tuple[int, ...]] = {}
+    for item in listed:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], list)
+                and all(_is_int(s) for s in item[1])):
+            raise _corrupt("metadata 'tensors' has a malformed entry")
+        out[item[0]] = tuple(item[1])
+    names = [item[0] for item in listed]
+    try:
+        in_order = names == sorted(names, key=_utf8) and len(set(names)) == len(names)
+    except UnicodeEncodeError:
+        in_order = False
+    if not in_order:
+        raise _corrupt("metadata 'tensors' is not sorted or has duplicates")
+    return out
+
+
+def _decode_plain(data: bytes) -> Delta:
+    metadata, entries, data_start = _parse_header(data)
+    missing = [k for k in _METADATA_KEYS if k not in metadata]
+    if missing:
+        raise _corrupt(f"the metadata lacks {', '.join(missing)}")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise DeltaCorruptError(
+            f"the delta has format_version {metadata['format_version']!r}; this bitfit reads version "
+            f"{FORMAT_VERSION}. Upgrade bitfit, or personalize again to write a version {FORMAT_VERSION} delta"
+        )
+    if not _CHECKSUM_RE.fullmatch(metadata["checksum"]):
+        raise _corrupt("the checksum field is malformed")
+    buffer = memoryview(data)[data_start:]
+    actual = _checksum(
+        metadata, [(name, dt, shape, bytes(buffer[s:e])) for name, (dt, shape, s, e) in entries.items()]
+    )
+    if actual != metadata["checksum"]:
+        raise _corrupt("checksum mismatch: the file was altered or damaged")
+    encoding = metadata["encoding"]
+    if encoding not in get_args(Encoding):
+        raise _corrupt(f"unknown encoding {encoding!r}")
+    try:
+        info = json.loads(metadata["info"])
+    except (ValueError, RecursionError) as err:
+        raise _corrupt("metadata 'info' is not JSON") from err
+    if not isinstance(info, dict):
+        raise _corrupt("metadata 'info' is not a JSON object")
+    listed = _parse_tensor_list(metadata["tensors"])
+    expected: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for name, shape in listed.items():
+        if name.endswith(SCALE_SUFFIX) or name == "__metadata__":
+            raise _corrupt(f"tensor name {name!r} is reserved")
+        expected[name] = (_STORED_DTYPE[encoding], shape)
+        if encoding == "int8":
+            expected[name + SCALE_SUFFIX] = ("F32", None)  # [] as written; [1] accepted
+    if set(entries) != set(expected):
+        lacking = sorted(set(expected) - set(entries))
+        surplus = sorted(set(entries) - set(expected))
+        raise _corrupt(
+            "the stored tensors differ from the metadata list"
+            + (f"; missing {_names(lacking)}" if lacking else "")
+            + (f"; unexpected {_names(surplus)}" if surplus else "")
+        )
+    for name, (dtype, shape) in expected.items():
+        got_dtype, got_shape, _, _ = entries[name]
+        if got_dtype != dtype:
+            raise _corrupt(f"tensor {name!r} is stored as {got_dtype}, but encoding {encoding!r} stores {dtype}")
+        if shape is None and got_shape not in ((), (1,)):
+            raise _corrupt(f"scale {name!r} must have shape [] or [1], has {list(got_shape)}")
+        if shape is not None and got_shape != shape:
+            raise _corrupt(f"tensor {name!r} has shape {list(got_shape)} but the metadata lists {list(shape)}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, shape in listed.items():
+        dtype, _, start, end = entries[name]
+        raw = np.frombuffer(buffer[start:end], dtype=_NUMPY_DTYPE[dtype]).reshape(shape)
+        if encoding == "int8":
+            sdtype, _, s0, s1 = entries[name + SCALE_SUFFIX]
+            scale = np.frombuffer(buffer[s0:s1], dtype=_NUMPY_DTYPE[sdtype]).reshape(())
+            if not (np.isfinite(scale) and scale > 0):
+                raise _corrupt(f"scale of {name!r} is {float(scale)!r}; it must be finite and > 0")
+            if raw.size and int(raw.min()) < -127:
+                raise _corrupt(f"tensor {name!r} holds -128, outside the symmetric int8 range")
+            with np.errstate(all="ignore"):
+                value = _int8_dequantize(raw, scale[()])
+        else:
+            value = raw.astype(np.float32)
+        if not np.isfinite(value).all():
+            raise _corrupt(f"tensor {name!r} holds NaN or infinite values")
+        tensors[name] = value
+    try:
+        return Delta(tensors, metadata["base_fingerprint"], encoding, created=metadata["created"], info=info)
+    except (InvalidArgumentError, TrainingDivergedError) as err:
+        raise _corrupt(f"the delta's content is invalid ({err})") from err
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return  # Windows cannot open a directory; its rename is durable enough for us
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename already happened
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, err: OSError) -> StoreWriteError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full; free some space"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the location is read-only or not writable; check permissions or pick another store root"
+    else:
+        why = "check the disk and the directory's permissions"
+    out = StoreWriteError(f"could not write {path}: {err.strerror or err} ({why}); the previous file is intact")
+    out.errno = err.errno
+    return out
