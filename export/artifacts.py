@@ -59,7 +59,15 @@ def _loss_block(loss: LossName, ignore_index: int | None):
         def build(self, output_name: str) -> str:
             if loss != "token-cross-entropy":
                 return self._inner(output_name, LABEL_INPUT)
-            return self._inner(_transpose_classes_to_axis1(self.base, output_name), LABEL_INPUT)
+            # Not onnxblock's CrossEntropyLoss: it looks the labels input up by node use only,
+            # misses the one added here, and then wants the transposed scores as a graph output.
+            from onnx import helper
+
+            scores = _transpose_classes_to_axis1(self.base, output_name)
+            self.base.graph.node.append(helper.make_node(
+                "SoftmaxCrossEntropyLoss", [scores, LABEL_INPUT], ["bitfit.token_loss", "bitfit.token_log_prob"],
+                reduction="mean", ignore_index=ignore_index, name="bitfit.token_loss"))
+            return "bitfit.token_loss"
 
     return LossOnLabels()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
 from safetensors.numpy import save_file
 
 from .biases import BiasUse
@@ -38,57 +38,70 @@ class InferencePlan:
     reason: str
 
 
-def _output_dims(inferred: onnx.ModelProto) -> dict[str, list]:
-    dims = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        shape = vi.type.tensor_type.shape
-        dims[vi.name] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in shape.dim]
-    return dims
+def observe_output_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, list[tuple[int, ...]]]:
+    """Run the graph at two batch sizes and record the shapes of ``names`` in each run.
+
+    Why not ONNX shape inference: it loses the batch symbol through Gather/Shape/Reshape
+    chains (BERT's embeddings), so it cannot prove what a run shows directly.
+    """
+    from bitfit.sdk.ort_training import ort
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = list(names)
+    bigger = {k: np.concatenate([v, v[:1]], axis=0) for k, v in feeds.items()}
+    runs = [session.run(wanted, feeds), session.run(wanted, bigger)]
+    return {n: [tuple(run[i].shape) for run in runs] for i, n in enumerate(wanted)}
 
 
-def plan_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[str, list[BiasUse]]) -> InferencePlan:
+def plan_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[str, list[BiasUse]],
+                 feeds: dict[str, np.ndarray]) -> tuple[InferencePlan, dict[str, int]]:
     """Decide whether every trainable tensor can take a per-row ``[rows, d]`` value.
 
     It can when each is a 1-D bias used once, and the output it is added to has the
-    batch dimension first (proved by ONNX shape inference). A graph that folds batch
-    into another axis (e.g. GPT-2's ``addmm`` over ``[batch*seq, d]``) cannot.
+    batch dimension first (seen at two batch sizes). A graph that folds batch into
+    another axis (e.g. GPT-2's ``addmm`` over ``[batch*seq, d]``) cannot. Returns the
+    plan and the rank of each bias's output.
     """
     inits = {i.name: i for i in model.graph.initializer}
     plain = {n: list(inits[n].dims) for n in trainable}
-    real_inputs = [i for i in model.graph.input if i.name not in inits]
-    batch = real_inputs[0].type.tensor_type.shape.dim[0].dim_param if real_inputs else ""
-    if not batch:
-        return InferencePlan(False, plain, "the first input has no symbolic batch dimension")
-    try:
-        inferred = shape_inference.infer_shapes(model)
-    except Exception as err:  # onnx raises InferenceError and friends
-        return InferencePlan(False, plain, f"shape inference failed: {err}")
-    dims = _output_dims(inferred)
     nodes = {n.name: n for n in model.graph.node}
     for name in trainable:
         if len(inits[name].dims) != 1:
-            return InferencePlan(False, plain, f"{name} is not a 1-D bias")
+            return InferencePlan(False, plain, f"{name} is not a 1-D bias"), {}
         if len(uses.get(name, [])) != 1:
-            return InferencePlan(False, plain, f"{name} is not used exactly once as a bias")
-        node = nodes[uses[name][0].node]
-        out = dims.get(node.output[0])
-        if not out or out[0] != batch:
-            return InferencePlan(False, plain, f"the output of {node.name} does not start with the batch dimension")
-        if node.op_type == "Add" and out[-1] != inits[name].dims[0]:
-            return InferencePlan(False, plain, f"{name} is not added along the last axis")
-    return InferencePlan(True, {n: [1, *plain[n]] for n in trainable}, "")
+            return InferencePlan(False, plain, f"{name} is not used exactly once as a bias"), {}
+    if not feeds:
+        return InferencePlan(False, plain, "no example inputs to observe shapes with"), {}
+    batch = next(iter(feeds.values())).shape[0]
+    outputs = {name: nodes[uses[name][0].node].output[0] for name in trainable}
+    try:
+        shapes = observe_output_shapes(model, sorted(set(outputs.values())), feeds)
+    except Exception as err:  # the graph may not accept a larger batch
+        return InferencePlan(False, plain, f"the graph did not run at batch {batch + 1}: {err}"), {}
+    ranks = {}
+    for name, out in outputs.items():
+        (small, big), width = shapes[out], inits[name].dims[0]
+        op = nodes[uses[name][0].node].op_type
+        axis = len(small) - 1 if op in ("Add", "LayerNormalization", "Gemm") else 1
+        if small[0] != batch or big[0] != batch + 1:
+            return InferencePlan(False, plain, f"the output of {uses[name][0].node} does not have the batch dimension first"), {}
+        if len(small) < 2 or small[axis] != width:
+            return InferencePlan(False, plain, f"{name} is not added along axis {axis} of its output"), {}
+        ranks[name] = len(small)
+    return InferencePlan(True, {n: [1, *plain[n]] for n in trainable}, ""), ranks
 
 
-def _rewrite_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[str, list[BiasUse]]) -> None:
-    inferred = shape_inference.infer_shapes(model)
-    dims = _output_dims(inferred)
+def _rewrite_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[str, list[BiasUse]], ranks: dict[str, int]) -> None:
     nodes = {n.name: n for n in model.graph.node}
     inits = {i.name: i for i in model.graph.initializer}
     new_nodes: dict[str, list[onnx.NodeProto]] = {}
     for name in trainable:
         use = uses[name][0]
         node = nodes[use.node]
-        rank = len(dims[node.output[0]])
+        rank = ranks[name]
         init = inits[name]
         width = int(init.dims[0])
         init.dims[:] = [1, width]
@@ -132,16 +145,17 @@ def _rewrite_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[st
 
 
 def build_inference_model(
-    model: onnx.ModelProto, trainable: list[str], uses: dict[str, list[BiasUse]], out_dir: Path
+    model: onnx.ModelProto, trainable: list[str], uses: dict[str, list[BiasUse]], out_dir: Path,
+    example_inputs: dict[str, np.ndarray],
 ) -> tuple[InferencePlan, dict[str, np.ndarray]]:
     """Write ``inference.onnx`` and ``weights.safetensors`` into ``out_dir``.
 
     Returns the per-row plan and the base tensors written (every float initializer).
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's graph
-    plan = plan_per_row(model, trainable, uses)
+    plan, ranks = plan_per_row(model, trainable, uses, example_inputs)
     if plan.per_row:
-        _rewrite_per_row(model, trainable, uses)
+        _rewrite_per_row(model, trainable, uses, ranks)
     inits = {i.name: i for i in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     for name in trainable:

@@ -132,7 +132,9 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
-        plan, base = build_inference_model(forward, trainable, uses, work)
+        graph_inputs = {i.name for i in forward.graph.input}
+        feeds = {k: v for k, v in src.example_inputs.items() if k in graph_inputs}
+        plan, base = build_inference_model(forward, trainable, uses, work, feeds)
         training_graph = onnx.ModelProto.FromString(forward.SerializeToString())
         repairs = repair_for_training(training_graph)
         float_params = [i.name for i in training_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]

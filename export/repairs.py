@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from bitfit.sdk.errors import UnsupportedModelError
 
@@ -68,6 +69,58 @@ def add_dropout_mask_outputs(model: onnx.ModelProto) -> list[str]:
         if node.op_type == "Dropout" and len(node.output) < 2:
             node.output.append(f"{node.name or node.output[0]}.__mask")
             changed.append(node.name)
+    return changed
+
+
+def freeze_batchnorm_statistics(model: onnx.ModelProto) -> list[str]:
+    """Rewrite inference-mode BatchNormalization as elementwise ops on its frozen statistics.
+
+    Why: ORT's training graph builder replaces every BatchNormalization with
+    BatchNormInternal in training mode, which normalises with the batch's statistics and
+    writes new running mean/var into the frozen tensors, so training would not match
+    inference and frozen tensors would change. As ``(x - mean) * (scale / sqrt(var + eps))
+    + bias`` the statistics stay frozen and the bias stays its own trainable initializer.
+    Constants are Constant nodes, not initializers: every initializer must be a base weight.
+    """
+    changed: list[str] = []
+    rewritten: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "BatchNormalization" or attrs.get("training_mode", 0) or len(node.output) != 1:
+            rewritten.append(node)
+            continue
+        x, scale, bias, mean, var = node.input
+        p = f"{node.name}.__frozen"
+
+        def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+            return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name), name=name)
+
+        rewritten += [
+            const(f"{p}.eps", np.array(attrs.get("epsilon", 1e-5), np.float32)),
+            const(f"{p}.two", np.array([2], np.int64)),
+            const(f"{p}.minus_one", np.array([-1], np.int64)),
+            # Per-channel values broadcast as [C, 1, ..., 1] against [N, C, ...] of any rank.
+            helper.make_node("Shape", [x], [f"{p}.shape"], name=f"{p}.shape"),
+            helper.make_node("Shape", [f"{p}.shape"], [f"{p}.rank"], name=f"{p}.rank"),
+            helper.make_node("Sub", [f"{p}.rank", f"{p}.two"], [f"{p}.spatial"], name=f"{p}.spatial"),
+            helper.make_node("ConstantOfShape", [f"{p}.spatial"], [f"{p}.ones"], name=f"{p}.ones",
+                             value=numpy_helper.from_array(np.array([1], np.int64))),
+            helper.make_node("Concat", [f"{p}.minus_one", f"{p}.ones"], [f"{p}.channel_shape"], axis=0,
+                             name=f"{p}.channel_shape"),
+            helper.make_node("Add", [var, f"{p}.eps"], [f"{p}.var_eps"], name=f"{p}.var_eps"),
+            helper.make_node("Sqrt", [f"{p}.var_eps"], [f"{p}.std"], name=f"{p}.std"),
+            helper.make_node("Div", [scale, f"{p}.std"], [f"{p}.k"], name=f"{p}.k"),
+            helper.make_node("Reshape", [f"{p}.k", f"{p}.channel_shape"], [f"{p}.k_c"], name=f"{p}.k_c"),
+            helper.make_node("Reshape", [mean, f"{p}.channel_shape"], [f"{p}.mean_c"], name=f"{p}.mean_c"),
+            helper.make_node("Reshape", [bias, f"{p}.channel_shape"], [f"{p}.bias_c"], name=f"{p}.bias_c"),
+            helper.make_node("Sub", [x, f"{p}.mean_c"], [f"{p}.centered"], name=f"{p}.centered"),
+            helper.make_node("Mul", [f"{p}.centered", f"{p}.k_c"], [f"{p}.scaled"], name=f"{p}.scaled"),
+            helper.make_node("Add", [f"{p}.scaled", f"{p}.bias_c"], [node.output[0]], name=f"{p}.add_bias"),
+        ]
+        changed.append(node.name)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(rewritten)
     return changed
 
 
@@ -142,6 +195,7 @@ def repair_for_training(model: onnx.ModelProto) -> dict[str, list[str]]:
     report = {
         "layernorm_stat_outputs": add_layernorm_stat_outputs(model),
         "dropout_mask_outputs": add_dropout_mask_outputs(model),
+        "batchnorm_frozen_statistics": freeze_batchnorm_statistics(model),
     }
     if cap_ir_version(model):
         report["ir_version_capped"] = [str(MAX_IR_VERSION)]

@@ -61,6 +61,7 @@ _KEY_SIZES = (16, 24, 32)
 _FP16_MAX = float(np.finfo(np.float16).max)
 _STORED_DTYPE: dict[str, str] = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
 _NUMPY_DTYPE: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1")}
+_STORED_DTYPE_OF_ARRAY = {"<f4": "F32", "<f2": "F16", "|i1": "I8"}
 _METADATA_KEYS = ("format", "format_version", "base_fingerprint", "encoding", "created", "info", "tensors", "checksum")
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -102,7 +103,8 @@ class Delta:
             raise InvalidArgumentError(f"encoding must be one of {get_args(Encoding)}, got {self.encoding!r}")
         if not isinstance(self.base_fingerprint, str) or not self.base_fingerprint or "\0" in self.base_fingerprint:
             raise InvalidArgumentError(
-                f"base_fingerprint must be a non-empty str (the bundle's manifest has it), got {self.base_fingerprint!r}"
+                "base_fingerprint must be a non-empty str (the bundle's manifest has it), "
+                f"got {self.base_fingerprint!r}"
             )
         _check_created(self.created)
         object.__setattr__(self, "info", _normalize_info(self.info))
@@ -156,7 +158,8 @@ class Delta:
                 parts.append(f"missing from the trained tensors: {_names(missing)}")
             if shapes:
                 parts.append(
-                    "shapes differ: " + ", ".join(f"{n} trained {t} vs base {b}" for n, (t, b) in sorted(shapes.items()))
+                    "shapes differ: "
+                    + ", ".join(f"{n} trained {t} vs base {b}" for n, (t, b) in sorted(shapes.items()))
                 )
             raise DeltaMismatchError(
                 "cannot build a delta: " + "; ".join(parts) + ". Pass the trainable tensors of the same bundle."
@@ -176,6 +179,8 @@ class Delta:
                 "previous one is kept. Lower the learning rate or the number of steps and personalize again."
             )
         encoding_ok = encoding if encoding in get_args(Encoding) else "fp32"  # __post_init__ reports a bad one
+        for name, d in diffs.items():
+            _check_fp16_range(name, d, encoding_ok)  # before rounding turns it into inf
         rounded = {name: _round_trip(d, encoding_ok) for name, d in diffs.items()}
         return cls(rounded, base_fingerprint, encoding, info=dict(info or {}))
 
@@ -357,7 +362,8 @@ def load_delta(path: str | os.PathLike, *, key: bytes | None = None) -> Delta:
     except FileNotFoundError as err:
         raise DeltaNotFoundError(f"no delta file at {path}") from err
     except OSError as err:
-        raise DeltaCorruptError(f"{path}: cannot read the delta file ({err.strerror or err}); check its permissions") from err
+        why = err.strerror or err
+        raise DeltaCorruptError(f"{path}: cannot read the delta file ({why}); check its permissions") from err
     if len(data) > MAX_DELTA_BYTES:
         raise DeltaCorruptError(f"{path}: larger than {MAX_DELTA_BYTES} bytes, not a bias delta")
     try:
@@ -430,10 +436,14 @@ def validate_key(key: Any) -> bytes:
         32
     """
     if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise InvalidArgumentError(f"key must be bytes (16, 24 or 32 of them, e.g. os.urandom(32)), got {type(key).__name__}")
+        raise InvalidArgumentError(
+            f"key must be bytes (16, 24 or 32 of them, e.g. os.urandom(32)), got {type(key).__name__}"
+        )
     key = bytes(key)
     if len(key) not in _KEY_SIZES:
-        raise InvalidArgumentError(f"key must be 16, 24 or 32 bytes (AES-128/192/256), got {len(key)}; use os.urandom(32)")
+        raise InvalidArgumentError(
+            f"key must be 16, 24 or 32 bytes (AES-128/192/256), got {len(key)}; use os.urandom(32)"
+        )
     return key
 
 
@@ -475,8 +485,6 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 # ---------------------------------------------------------------- private helpers
 
-_STORED_DTYPE_OF_ARRAY = {"<f4": "F32", "<f2": "F16", "|i1": "I8"}
-
 
 def _names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
@@ -488,14 +496,16 @@ def _utf8(text: str) -> bytes:
 
 
 def _dump_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    # ASCII-only, so metadata never carries a lone surrogate that UTF-8 cannot encode.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _check_created(created: Any) -> None:
     if not isinstance(created, str):
         raise InvalidArgumentError(f"created must be an ISO-8601 str, got {type(created).__name__}")
     try:
-        datetime.fromisoformat(created)
+        # Python < 3.11 does not read the "Z" suffix other writers may use.
+        datetime.fromisoformat(created[:-1] + "+00:00" if created.endswith("Z") else created)
     except ValueError as err:
         raise InvalidArgumentError(f"created must be an ISO-8601 time, got {created!r}") from err
 
@@ -538,8 +548,9 @@ def _normalize_tensors(tensors: Any, encoding: str) -> dict[str, np.ndarray]:
         raise InvalidArgumentError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
     out: dict[str, np.ndarray] = {}
     bad: list[str] = []
-    for name in sorted(tensors, key=lambda n: _utf8(n) if isinstance(n, str) else b""):
+    for name in tensors:
         _check_name(name)
+    for name in sorted(tensors, key=_utf8):
         try:
             with np.errstate(all="ignore"):
                 array = np.array(tensors[name], dtype=np.float32, copy=True, order="C")
@@ -547,16 +558,21 @@ def _normalize_tensors(tensors: Any, encoding: str) -> dict[str, np.ndarray]:
             raise InvalidArgumentError(f"tensor {name!r} is not numeric: {err}") from err
         if not np.isfinite(array).all():
             bad.append(name)
-        elif encoding == "fp16" and array.size and float(np.max(np.abs(array))) > _FP16_MAX:
-            raise TrainingDivergedError(
-                f"tensor {name!r} has differences beyond the fp16 range ({_FP16_MAX:g}); "
-                "that usually means training diverged. Use encoding='fp32' if it is intended."
-            )
+        else:
+            _check_fp16_range(name, array, encoding)
         array.flags.writeable = False
         out[name] = array
     if bad:
         raise TrainingDivergedError(f"the delta has NaN or infinite values in {_names(bad)}; it was not saved")
     return out
+
+
+def _check_fp16_range(name: str, array: np.ndarray, encoding: str) -> None:
+    if encoding == "fp16" and array.size and float(np.max(np.abs(array))) > _FP16_MAX:
+        raise TrainingDivergedError(
+            f"tensor {name!r} has differences beyond the fp16 range ({_FP16_MAX:g}); "
+            "that usually means training diverged. Use encoding='fp32' if it is intended."
+        )
 
 
 def _int8_quantize(d: np.ndarray) -> tuple[np.ndarray, np.float32]:
@@ -651,6 +667,17 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _is_text(value: Any) -> bool:
+    """A str a non-Python reader sees the same way: valid UTF-8 (no lone surrogate), no NUL."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(x: Any) -> bool:
     return type(x) is int and x >= 0
 
@@ -661,7 +688,9 @@ def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tup
         raise _corrupt(f"the file is {len(data)} bytes, too short for a safetensors header (truncated or empty)")
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
-        raise _corrupt(f"the header claims {n} bytes but the file has {len(data) - 8} after the length (truncated or not a delta)")
+        raise _corrupt(
+            f"the header claims {n} bytes but the file has {len(data) - 8} after the length (truncated or not a delta)"
+        )
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -671,15 +700,13 @@ def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tup
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise _corrupt("the file has no bitfit-delta metadata (it may be another safetensors file)")
-    if not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt("the metadata has non-string values")
-    if any("\0" in k or "\0" in v for k, v in metadata.items()):
-        raise _corrupt("the metadata contains NUL characters")
+    if not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
+        raise _corrupt("the metadata has non-string values, NUL characters or invalid unicode")
     buffer_len = len(data) - 8 - n
     entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, entry in header.items():
-        if "\0" in name or not name:
-            raise _corrupt("a tensor name is empty or contains NUL")
+        if not name or not _is_text(name):
+            raise _corrupt("a tensor name is empty, contains NUL or is invalid unicode")
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _corrupt(f"tensor {name!r} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]

@@ -1,0 +1,197 @@
+"""The ``bitfit`` command.
+
+    bitfit export MODEL OUT [--labels a,b,c] [--policy all-biases] [--hf-task T] ...   (workstation)
+    bitfit personalize BUNDLE --user U --data FILE [--store DIR] [--epochs N] ...
+    bitfit predict BUNDLE [--user U] TEXT...
+    bitfit deltas STORE {list,show,rollback,rm} [--user U] [--version N]
+    bitfit info BUNDLE
+    bitfit demo                                                                          (workstation)
+
+``export`` and ``demo`` import ``bitfit.export`` (torch) lazily; the device commands never do.
+
+Example:
+    >>> from bitfit.sdk.cli import main
+    >>> main(["--help"])                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import BitfitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfit", description="On-device personalization with bias-only fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="export a model to a bundle (workstation; needs the 'export' extra)")
+    ex.add_argument("model", help="'minilm', a Hugging Face model directory, or an .onnx file")
+    ex.add_argument("out", help="bundle directory to write")
+    ex.add_argument("--labels", help="comma-separated label names")
+    ex.add_argument("--policy", default="all-biases", help="all-biases | paper-subset | ...+head")
+    ex.add_argument("--include", action="append", default=[], help="regex of extra trainable tensors (repeatable)")
+    ex.add_argument("--exclude", action="append", default=[], help="regex of tensors to keep frozen (repeatable)")
+    ex.add_argument("--task", help="classification | regression | multilabel | token-classification | causal-lm")
+    ex.add_argument("--hf-task", help="text-classification | token-classification | feature-extraction")
+    ex.add_argument("--loss", help="cross-entropy | mse | bce-with-logits | token-cross-entropy")
+    ex.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ex.add_argument("--max-length", type=int, default=128)
+    ex.add_argument("--ort-format", action="store_true", help="also write ORT-format artifacts for mobile runtimes")
+    ex.add_argument("--overwrite", action="store_true")
+
+    pe = sub.add_parser("personalize", help="train a user's biases on their examples and save a delta")
+    pe.add_argument("bundle")
+    pe.add_argument("--user", required=True)
+    pe.add_argument("--data", required=True, help=".jsonl or .csv with text and label")
+    pe.add_argument("--store", help="delta store directory (default: the platform's data dir)")
+    pe.add_argument("--epochs", type=int, default=3)
+    pe.add_argument("--learning-rate", type=float, default=2e-3)
+    pe.add_argument("--batch-size", type=int, default=16)
+    pe.add_argument("--holdout", type=float, default=0.15)
+    pe.add_argument("--max-steps", type=int)
+    pe.add_argument("--max-seconds", type=float)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--encoding", default="fp16", choices=["fp32", "fp16", "int8"])
+    pe.add_argument("--threads", type=int)
+    pe.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pe.add_argument("--reset", action="store_true", help="start from the base instead of the user's current delta")
+
+    pr = sub.add_parser("predict", help="predict with the base model or a user's delta")
+    pr.add_argument("bundle")
+    pr.add_argument("texts", nargs="+")
+    pr.add_argument("--user")
+    pr.add_argument("--store")
+    pr.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
+
+    de = sub.add_parser("deltas", help="inspect and manage a delta store")
+    de.add_argument("store")
+    de.add_argument("action", choices=["list", "show", "rollback", "rm"])
+    de.add_argument("--user")
+    de.add_argument("--version", type=int)
+
+    info = sub.add_parser("info", help="show a bundle's manifest summary")
+    info.add_argument("bundle")
+
+    demo = sub.add_parser("demo", help="the whole story on MiniLM and real tweets (workstation)")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--quick", action="store_true", help="fewer users and examples")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except BitfitError as err:
+        print(f"bitfit: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from bitfit.export import export_bundle
+
+    bundle = export_bundle(
+        args.model, args.out, labels=args.labels.split(",") if args.labels else None, policy=args.policy,
+        include=args.include or None, exclude=args.exclude or None, task=args.task, hf_task=args.hf_task,
+        loss=args.loss, optimizer=args.optimizer, max_length=args.max_length, ort_format=args.ort_format,
+        overwrite=args.overwrite,
+    )
+    _print_info(bundle)
+    return 0
+
+
+def _print_info(bundle: Any) -> None:
+    m = bundle.manifest
+    print(f"bundle {bundle.path}")
+    print(f"  task {m.task}, loss {m.loss}, optimizer {m.optimizer}, labels {m.labels}")
+    print(f"  trainable: {len(m.trainable)} tensors, {m.policy['trainable_values']:,} of {m.policy['total_values']:,} "
+          f"values ({100 * m.policy['fraction']:.3f}%), policy {m.policy['name']}, per-row {m.per_row}")
+    print(f"  base fingerprint {m.base_fingerprint[:23]}...")
+    v = m.validation
+    if v:
+        print(f"  validated: inference vs source {v.get('inference_vs_source_max_abs_diff', float('nan')):.2e}, "
+              f"frozen unchanged by a step: {v.get('one_step_frozen_unchanged')}")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    _print_info(Bundle.open(args.bundle))
+    return 0
+
+
+def _personalize(args: argparse.Namespace) -> int:
+    from .personalizer import Personalizer
+
+    p = Personalizer(args.bundle, args.store, device=args.device, threads=args.threads)
+    r = p.personalize(
+        args.data, user=args.user, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        holdout=args.holdout, max_steps=args.max_steps, max_seconds=args.max_seconds, seed=args.seed,
+        encoding=args.encoding, reset=args.reset,
+    )
+    print(f"user {r.user}: version {r.version}, {r.delta_bytes:,} bytes ({r.encoding}), {r.steps} steps in {r.seconds:.1f}s "
+          f"on {r.examples_used} examples (stopped by {r.stopped_by})")
+    if r.accuracy_before is not None:
+        print(f"  holdout ({r.holdout_examples}): accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f}, "
+              f"loss {r.loss_before:.4f} -> {r.loss_after:.4f}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predictor import Predictor
+
+    predictor = Predictor(args.bundle, args.store if args.user else None)
+    if args.user and args.store is None:
+        from .store import DeltaStore
+
+        predictor.store = DeltaStore()
+    result = predictor.predict(args.texts, user=args.user)
+    for text, label, probs in zip(args.texts, result.labels, result.probabilities):
+        if args.json:
+            print(json.dumps({"text": text, "label": label, "probabilities": [round(float(x), 5) for x in probs.ravel()]}))
+        else:
+            print(f"{label}\t{float(probs.max()):.3f}\t{text}")
+    for user, why in result.fallbacks.items():
+        print(f"bitfit: warning: served the base model to {user!r}: {why}", file=sys.stderr)
+    return 0
+
+
+def _deltas(args: argparse.Namespace) -> int:
+    from .store import DeltaStore
+
+    store = DeltaStore(args.store)
+    if args.action == "list":
+        users = [args.user] if args.user else store.users()
+        for user in users:
+            print(f"{user}\tcurrent v{store.current_version(user)}\tversions {store.versions(user)}")
+        return 0
+    if not args.user:
+        print("bitfit: error: --user is required for show, rollback and rm", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        for row in store.info(args.user):
+            print(json.dumps(row, default=str))
+    elif args.action == "rollback":
+        print(f"{args.user}: current version is now v{store.rollback(args.user, args.version)}")
+    else:
+        store.delete(args.user, args.version)
+        print(f"{args.user}: deleted {'v' + str(args.version) if args.version else 'all versions'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from bitfit.export.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick)
+    return 0
+
+
+_COMMANDS = {"export": _export, "personalize": _personalize, "predict": _predict, "deltas": _deltas,
+             "info": _info, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""User data -> validated examples -> padded batches. Tokenization runs here, with the
+bundle's ``tokenizer.json`` and the ``tokenizers`` library only (no transformers).
+
+Accepted ``user_data``:
+- a list of ``(text, label)`` pairs, or of dicts with ``text`` and ``label`` keys;
+- a path to a ``.jsonl`` file (one such dict per line) or a ``.csv`` file with a header
+  that has ``text`` and ``label`` columns;
+- for bundles without a tokenizer: a dict of numpy arrays named like the model inputs
+  (first axis = examples) plus a ``labels`` array, or a ``(features, labels)`` tuple.
+Labels by name (``"positive"``) or by index (``2``), not both in one call.
+
+Example:
+    >>> from bitfit.sdk.data import normalize_records
+    >>> normalize_records([("great", "pos"), {"text": "bad", "label": "neg"}])
+    [('great', 'pos'), ('bad', 'neg')]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, Manifest
+from .errors import BudgetExceededError, InvalidUserDataError
+
+DEFAULT_MAX_EXAMPLES = 100_000
+
+
+@dataclass
+class Examples:
+    """Validated examples: either token id lists (text) or feature arrays, plus labels."""
+
+    labels: np.ndarray
+    token_ids: list[list[int]] | None = None
+    type_ids: list[list[int]] | None = None
+    features: dict[str, np.ndarray] | None = None
+    duplicates_removed: int = 0
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> "Examples":
+        index = [int(i) for i in index]
+        return Examples(
+            labels=self.labels[index],
+            token_ids=[self.token_ids[i] for i in index] if self.token_ids is not None else None,
+            type_ids=[self.type_ids[i] for i in index] if self.type_ids is not None else None,
+            features={k: v[index] for k, v in self.features.items()} if self.features is not None else None,
+        )
+
+
+class TextEncoder:
+    """The bundle's tokenizer with truncation to the bundle's max length."""
+
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer
+
+        spec = bundle.manifest.text
+        if spec is None:
+            raise InvalidUserDataError("this bundle takes numeric inputs, not text: pass a dict of arrays")
+        self.spec = spec
+        try:
+            self.tokenizer = Tokenizer.from_file(str(bundle.file("tokenizer")))
+        except Exception as err:
+            from .errors import BundleInvalidError
+
+            raise BundleInvalidError(f"the bundle's tokenizer.json cannot be loaded ({err}); re-export the bundle") from err
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(spec.max_length)
+        pad = self.tokenizer.padding
+        self.pad_id = pad["pad_id"] if pad else (self.tokenizer.token_to_id("[PAD]") or 0)
+
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        encodings = self.tokenizer.encode_batch(texts)
+        return [e.ids for e in encodings], [e.type_ids for e in encodings]
+
+    def pad(self, ids: list[list[int]], type_ids: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+        """Pad a batch to its longest sequence and build the model's text inputs."""
+        length = max(1, max(len(x) for x in ids))
+        input_ids = np.full((len(ids), length), self.pad_id, np.int64)
+        mask = np.zeros((len(ids), length), np.int64)
+        types = np.zeros((len(ids), length), np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+            if type_ids is not None:
+                types[row, : len(seq)] = type_ids[row]
+        feeds = {self.spec.input_ids: input_ids}
+        if self.spec.attention_mask:
+            feeds[self.spec.attention_mask] = mask
+        if self.spec.token_type_ids:
+            feeds[self.spec.token_type_ids] = types
+        return feeds
+
+    def feeds_for_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        ids, types = self.encode(texts)
+        return self.pad(ids, types)
+
+
+def check_text(value: Any, where: str) -> str:
+    """A usable text, or an InvalidUserDataError naming the example."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidUserDataError(f"{where}: text is not valid UTF-8 ({err.reason} at byte {err.start}); decode it to str first") from err
+    if value is None or not isinstance(value, str):
+        raise InvalidUserDataError(f"{where}: text must be a non-empty string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidUserDataError(f"{where}: text is empty; drop the example or give it text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidUserDataError(f"{where}: text holds characters that are not valid Unicode ({err.reason}); clean it first") from err
+    return value
+
+
+def normalize_records(user_data: Any) -> list[tuple[Any, Any]]:
+    """``(text, label)`` pairs from a list of pairs/dicts or a .jsonl/.csv path."""
+    if isinstance(user_data, (str, os.PathLike)):
+        return _read_file(Path(user_data))
+    if isinstance(user_data, Mapping) or not isinstance(user_data, Sequence) or isinstance(user_data, (bytes, str)):
+        raise InvalidUserDataError(
+            f"user_data must be a list of (text, label) pairs or dicts, or a .jsonl/.csv path; got {type(user_data).__name__}"
+        )
+    records = []
+    for i, item in enumerate(user_data):
+        if isinstance(item, Mapping):
+            if "text" not in item or "label" not in item:
+                raise InvalidUserDataError(f"example {i}: a dict needs 'text' and 'label' keys, got {sorted(item)[:5]}")
+            records.append((item["text"], item["label"]))
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            records.append((item[0], item[1]))
+        else:
+            raise InvalidUserDataError(f"example {i}: expected a (text, label) pair or a dict, got {type(item).__name__}")
+    return records
+
+
+def _read_file(path: Path) -> list[tuple[Any, Any]]:
+    if not path.is_file():
+        raise InvalidUserDataError(f"{path} does not exist: pass a .jsonl or .csv file with text and label")
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidUserDataError(f"{path} is not UTF-8 (byte {err.start}); re-save it as UTF-8") from err
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InvalidUserDataError(f"{path}:{number} is not valid JSON ({err.msg})") from err
+        return normalize_records(rows)
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(raw.splitlines())
+        if not reader.fieldnames or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
+            raise InvalidUserDataError(f"{path} needs a header row with 'text' and 'label' columns, has {reader.fieldnames}")
+        return [(row["text"], _csv_label(row["label"])) for row in reader]
+    raise InvalidUserDataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
+
+
+def _csv_label(value: str) -> Any:
+    return int(value) if value.strip().lstrip("-").isdigit() else value
+
+
+def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
+    """Labels as the loss wants them: class indices, floats, or multi-hot vectors."""
+    names = manifest.labels
+    width = manifest.outputs[0].shape[-1] if manifest.outputs[0].shape else 1
+    if manifest.loss == "cross-entropy":
+        is_index = [isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in raw]
+        is_name = [isinstance(x, str) for x in raw]
+        if not all(a or b for a, b in zip(is_index, is_name)):
+            bad = next(i for i, (a, b) in enumerate(zip(is_index, is_name)) if not (a or b))
+            raise InvalidUserDataError(f"example {bad}: label {raw[bad]!r} ({type(raw[bad]).__name__}) must be a label name or an integer index")
+        if any(is_index) and any(is_name):
+            raise InvalidUserDataError("labels mix names and integer indices; use one form for every example")
+        count = len(names) if names else (width if isinstance(width, int) else None)
+        if any(is_name):
+            if not names:
+                raise InvalidUserDataError("this bundle has no label names; give labels as integer indices")
+            lookup = {n: i for i, n in enumerate(names)}
+            unknown = sorted({x for x in raw if x not in lookup})
+            if unknown:
+                raise InvalidUserDataError(f"unknown label(s) {unknown[:5]}: this bundle knows {names}")
+            return np.array([lookup[x] for x in raw], np.int64)
+        values = np.array(raw, np.int64)
+        if count is not None and (values.min() < 0 or values.max() >= count):
+            raise InvalidUserDataError(f"label index out of range: indices must be in 0..{count - 1}")
+        return values
+    if manifest.loss == "mse":
+        try:
+            values = np.array(raw, np.float32)
+        except (TypeError, ValueError) as err:
+            raise InvalidUserDataError(f"regression labels must be numbers ({err})") from err
+        if not np.all(np.isfinite(values)):
+            raise InvalidUserDataError("regression labels contain NaN or inf; drop or fix those examples")
+        return values.reshape(len(raw), *([width] if isinstance(width, int) and len(manifest.outputs[0].shape) > 1 else []))
+    if manifest.loss == "bce-with-logits":
+        lookup = {n: i for i, n in enumerate(names or [])}
+        out = np.zeros((len(raw), width), np.float32)
+        for i, item in enumerate(raw):
+            items = item if isinstance(item, (list, tuple, np.ndarray)) else [item]
+            if len(items) == width and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in items):
+                out[i] = np.array(items, np.float32)
+                continue
+            for name in items:
+                if name not in lookup:
+                    raise InvalidUserDataError(f"example {i}: unknown label {name!r}: this bundle knows {names}")
+                out[i, lookup[name]] = 1.0
+        return out
+    raise InvalidUserDataError(f"text user_data is not supported for a {manifest.loss} bundle; pass token-level arrays")
+
+
+def load_examples(
+    user_data: Any, bundle: Bundle, encoder: TextEncoder | None, *, max_examples: int = DEFAULT_MAX_EXAMPLES
+) -> Examples:
+    """Validate and encode all of ``user_data`` up front: an invalid call trains nothing."""
+    manifest = bundle.manifest
+    if encoder is None or _looks_like_arrays(user_data):
+        return _array_examples(user_data, manifest, max_examples)
+    records = normalize_records(user_data)
+    if not records:
+        raise InvalidUserDataError("user_data is empty: pass at least one labelled example")
+    if len(records) > max_examples:
+        raise BudgetExceededError(
+            f"{len(records)} examples exceed max_examples={max_examples}; pass a sample, or raise max_examples"
+        )
+    seen: set[tuple[str, str]] = set()
+    texts, raw_labels, removed = [], [], 0
+    for i, (text, label) in enumerate(records):
+        text = check_text(text, f"example {i}")
+        key = (text, repr(label))
+        if key in seen:
+            removed += 1  # an exact repeat would also leak into the holdout
+            continue
+        seen.add(key)
+        texts.append(text)
+        raw_labels.append(label)
+    labels = encode_labels(raw_labels, manifest)
+    ids, types = encoder.encode(texts)
+    return Examples(labels=labels, token_ids=ids, type_ids=types, duplicates_removed=removed)
+
+
+def _looks_like_arrays(user_data: Any) -> bool:
+    return isinstance(user_data, Mapping) or (
+        isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], Mapping)
+    )
+
+
+def _array_examples(user_data: Any, manifest: Manifest, max_examples: int) -> Examples:
+    if isinstance(user_data, tuple):
+        features, labels = dict(user_data[0]), user_data[1]
+    elif isinstance(user_data, Mapping):
+        features = {k: v for k, v in user_data.items() if k != "labels"}
+        labels = user_data.get("labels")
+    else:
+        raise InvalidUserDataError("this bundle takes numeric inputs: pass {'<input name>': array, ..., 'labels': array}")
+    if labels is None:
+        raise InvalidUserDataError("numeric user_data needs a 'labels' array (or a (features, labels) tuple)")
+    arrays = check_feature_arrays(features, manifest)
+    count = next(iter(arrays.values())).shape[0]
+    if count == 0:
+        raise InvalidUserDataError("user_data is empty: pass at least one labelled example")
+    if count > max_examples:
+        raise BudgetExceededError(f"{count} examples exceed max_examples={max_examples}; pass a sample, or raise max_examples")
+    raw = list(labels) if not isinstance(labels, np.ndarray) or manifest.loss == "cross-entropy" else labels
+    if manifest.loss == "token-cross-entropy":
+        encoded = np.asarray(labels)
+        if encoded.dtype.kind not in "iu" or encoded.shape[:2] != next(iter(arrays.values())).shape[:2]:
+            raise InvalidUserDataError("token labels must be integers shaped like the input ids [examples, sequence]")
+        encoded = encoded.astype(np.int64)
+    else:
+        if isinstance(raw, np.ndarray) and raw.dtype.kind in "iu":
+            raw = [int(x) for x in raw]
+        encoded = encode_labels(list(raw) if not isinstance(raw, np.ndarray) else raw.tolist(), manifest)
+    if encoded.shape[0] != count:
+        raise InvalidUserDataError(f"{encoded.shape[0]} labels for {count} examples; give one label per example")
+    return Examples(labels=encoded, features=arrays)
+
+
+def check_feature_arrays(features: Mapping[str, Any], manifest: Manifest) -> dict[str, np.ndarray]:
+    """Numeric inputs checked against the manifest: names, dtypes, fixed dims, finite values."""
+    expected = {spec.name: spec for spec in manifest.inputs}
+    missing = sorted(set(expected) - set(features))
+    extra = sorted(set(features) - set(expected))
+    if missing or extra:
+        raise InvalidUserDataError(f"inputs must be exactly {sorted(expected)}; missing {missing}, unexpected {extra}")
+    out: dict[str, np.ndarray] = {}
+    count = None
+    for name, spec in expected.items():
+        try:
+            arr = np.asarray(features[name])
+        except (TypeError, ValueError) as err:
+            raise InvalidUserDataError(f"input {name!r} is not an array ({err})") from err
+        want = np.dtype(spec.dtype)
+        if arr.dtype.kind not in "fiub" or (want.kind == "f") != (arr.dtype.kind == "f") and not (want.kind == "f" and arr.dtype.kind in "iu"):
+            raise InvalidUserDataError(f"input {name!r} has dtype {arr.dtype}, the model takes {want}")
+        if arr.ndim != len(spec.shape):
+            raise InvalidUserDataError(f"input {name!r} has shape {arr.shape}, the model takes {spec.shape} (first axis = examples)")
+        for axis, (have, dim) in enumerate(zip(arr.shape, spec.shape)):
+            if isinstance(dim, int) and dim > 0 and have != dim:
+                raise InvalidUserDataError(f"input {name!r} has size {have} on axis {axis}, the model takes {dim} (shape {spec.shape})")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise InvalidUserDataError(f"input {name!r} contains NaN or inf; drop or fix those examples")
+        if count is not None and arr.shape[0] != count:
+            raise InvalidUserDataError(f"inputs disagree on the number of examples ({count} vs {arr.shape[0]} for {name!r})")
+        count = arr.shape[0]
+        out[name] = arr.astype(want, copy=False)
+    return out
+
+
+def split_holdout(count: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled (train, holdout) indices; the holdout is empty when too few examples remain."""
+    if not 0 <= fraction < 1:
+        raise InvalidUserDataError(f"holdout must be in [0, 1), got {fraction}")
+    order = rng.permutation(count)
+    size = int(math.floor(count * fraction))
+    if fraction > 0 and count >= 4:
+        size = max(size, 1)
+    if count - size < 1:
+        size = 0
+    return order[size:], order[:size]
+
+
+def batches(
+    examples: Examples, encoder: TextEncoder | None, batch_size: int, rng: np.random.Generator | None, *,
+    ignore_index: int | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, labels) per batch; shuffled when ``rng`` is given. Text is padded per batch."""
+    order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
+    for start in range(0, len(examples), batch_size):
+        index = order[start:start + batch_size]
+        part = examples.subset(index)
+        if part.features is not None:
+            yield part.features, part.labels
+        else:
+            assert encoder is not None and part.token_ids is not None
+            yield encoder.pad(part.token_ids, part.type_ids), part.labels

@@ -1,0 +1,317 @@
+"""The facade a device app calls: ``personalize(user_data, user=...)`` trains the user's
+biases locally and saves a delta; ``predict(inputs, user=...)`` applies it.
+
+Example:
+    >>> from bitfit.sdk import Personalizer
+    >>> p = Personalizer("bundles/minilm-sentiment", store="~/.local/share/bitfit")        # doctest: +SKIP
+    >>> result = p.personalize([("great flight!", "positive"), ("lost my bag", "negative")], user="alice")  # doctest: +SKIP
+    >>> p.predict(["great flight!"], user="alice").labels                                   # doctest: +SKIP
+    ['positive']
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .bundle import Bundle
+from .data import DEFAULT_MAX_EXAMPLES, Examples, TextEncoder, batches, load_examples, split_holdout
+from .delta import Delta, Encoding, check_delta_fits
+from .errors import BitfitError, DeltaNotFoundError, InvalidUserDataError, TrainingDivergedError
+from .predictor import GraphOptimization, Prediction, Predictor
+from .store import DeltaStore
+from .trainer import Device, TrainingSession
+
+log = logging.getLogger("bitfit.sdk")
+
+StopReason = Literal["epochs", "max_steps", "max_seconds", "early_stopping"]
+ProgressCallback = Callable[["Progress"], None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives after each training step."""
+
+    user: str
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PersonalizeResult:
+    """What one ``personalize`` call did, with holdout metrics before and after."""
+
+    user: str
+    version: int
+    delta_bytes: int
+    encoding: str
+    steps: int
+    epochs_run: int
+    seconds: float
+    examples_used: int
+    holdout_examples: int
+    duplicates_removed: int
+    loss_before: float | None
+    loss_after: float | None
+    accuracy_before: float | None
+    accuracy_after: float | None
+    stopped_by: StopReason
+    started_from: Literal["base", "previous-delta"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Personalizer:
+    """Local training and per-user inference over one bundle and one delta store.
+
+    Args:
+        bundle: a bundle directory (or an opened Bundle).
+        store: where deltas live: a path, a DeltaStore, or None for the platform's data dir.
+        device: "cpu" (default) or "cuda" for training.
+        providers: execution providers for inference ("auto", "cpu", or a list).
+        threads: intra-op threads for training and inference (None = ORT's default).
+        key: AES key to encrypt deltas at rest (see docs/security.md).
+        on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
+            for another base (reported in ``Prediction.fallbacks``); "raise" raises.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        store: DeltaStore | str | os.PathLike | None = None,
+        *,
+        device: Device = "cpu",
+        providers: str | Sequence[Any] = "auto",
+        threads: int | None = None,
+        key: bytes | None = None,
+        on_bad_delta: Literal["fallback", "raise"] = "fallback",
+        graph_optimization: GraphOptimization | None = None,
+        verify: Literal["hashes", "sizes", "none"] = "hashes",
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
+        self.store = store if isinstance(store, DeltaStore) else DeltaStore(store, key=key)
+        self.device = device
+        self.threads = threads
+        self._predictor_options = {"providers": providers, "threads": threads, "on_bad_delta": on_bad_delta}
+        if graph_optimization:
+            self._predictor_options["graph_optimization"] = graph_optimization
+        self._predictor: Predictor | None = None
+        self._encoder = TextEncoder(self.bundle) if self.bundle.manifest.text else None
+        self._base: dict[str, np.ndarray] | None = None
+
+    @property
+    def predictor(self) -> Predictor:
+        """The shared inference session (built on first use)."""
+        if self._predictor is None:
+            self._predictor = Predictor(self.bundle, self.store, **self._predictor_options)
+        return self._predictor
+
+    @property
+    def base_trainable(self) -> dict[str, np.ndarray]:
+        if self._base is None:
+            self._base = self.bundle.trainable_base()
+        return self._base
+
+    def current_delta(self, user: str) -> Delta | None:
+        """The user's current delta, checked against this bundle; None if there is none."""
+        try:
+            delta = self.store.load(user)
+        except DeltaNotFoundError:
+            return None
+        check_delta_fits(delta, base_fingerprint=self.bundle.manifest.base_fingerprint,
+                         shapes=self.bundle.manifest.trainable_shapes)
+        return delta
+
+    def personalize(
+        self,
+        user_data: Any,
+        user: str,
+        *,
+        epochs: int = 3,
+        learning_rate: float = 2e-3,
+        batch_size: int = 16,
+        holdout: float = 0.15,
+        max_steps: int | None = None,
+        max_seconds: float | None = None,
+        seed: int = 0,
+        progress: ProgressCallback | None = None,
+        progress_bar: bool | None = None,
+        reset: bool = False,
+        encoding: Encoding = "fp16",
+        patience: int | None = 2,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+    ) -> PersonalizeResult:
+        """Train ``user``'s biases on ``user_data`` and save the result as a new delta version.
+
+        Continues from the user's current delta unless ``reset``. A small holdout (if there
+        are >= 4 examples) gives before/after metrics and early stopping (``patience``
+        epochs without holdout improvement; the best epoch's biases are kept). Stops at
+        ``max_steps`` or ``max_seconds`` (a device's time budget) if given. If the loss
+        becomes NaN/inf, nothing is saved and the previous delta stays current.
+
+        Example:
+            >>> r = p.personalize("alice.jsonl", user="alice", max_seconds=30)      # doctest: +SKIP
+            >>> r.accuracy_before, r.accuracy_after, r.delta_bytes                   # doctest: +SKIP
+            (0.61, 0.78, 51812)
+        """
+        _check_options(user, epochs, learning_rate, batch_size, max_steps, max_seconds, patience, encoding)
+        started = time.perf_counter()
+        manifest = self.bundle.manifest
+        examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
+        rng = np.random.default_rng(seed)
+        train_index, holdout_index = split_holdout(len(examples), holdout, rng)
+        train, held = examples.subset(train_index), examples.subset(holdout_index)
+        start = None if reset else self.current_delta(user)
+        start_values = start.apply_to(self.base_trainable) if start is not None else None
+        session = TrainingSession(self.bundle, start=start_values, device=self.device, threads=self.threads,
+                                  learning_rate=learning_rate)
+        steps_per_epoch = -(-len(train) // batch_size)
+        total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+        ignore = manifest.ignore_index
+        loss_before, acc_before = self._evaluate(session, held)
+        best = (loss_before, session.trainable_values()) if loss_before is not None else None
+        bar = _progress_bar(total, user, progress_bar)
+        step, stop, stale, epoch = 0, "epochs", 0, 0
+        try:
+            for epoch in range(1, epochs + 1):
+                for feeds, labels in batches(train, self._encoder, batch_size, rng, ignore_index=ignore):
+                    loss = session.train_step(feeds, labels)
+                    step += 1
+                    if not np.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"the loss became {loss} at step {step} (learning_rate={learning_rate}); nothing was saved and "
+                            f"{user!r}'s previous delta is still current. Lower the learning rate."
+                        )
+                    elapsed = time.perf_counter() - started
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                    if progress is not None:
+                        progress(Progress(user, step, total, epoch, loss, elapsed))
+                    if max_steps is not None and step >= max_steps:
+                        stop = "max_steps"
+                        break
+                    if max_seconds is not None and elapsed >= max_seconds:
+                        stop = "max_seconds"
+                        break
+                if best is not None:
+                    held_loss, _ = self._evaluate(session, held)
+                    if held_loss is not None and held_loss < best[0]:
+                        best, stale = (held_loss, session.trainable_values()), 0
+                    else:
+                        stale += 1
+                if stop != "epochs":
+                    break
+                if patience is not None and best is not None and stale >= patience:
+                    stop = "early_stopping"
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if best is not None:
+            session.set_trainable_values(best[1])  # keep the epoch with the best holdout loss
+        trained = session.trainable_values()
+        if not all(np.all(np.isfinite(v)) for v in trained.values()):
+            raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
+        loss_after, acc_after = self._evaluate(session, held)
+        seconds = time.perf_counter() - started
+        info = {
+            "steps": step, "epochs_run": epoch, "examples": len(train), "holdout_examples": len(held),
+            "seconds": round(seconds, 3), "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
+            "stopped_by": stop, "metrics": {"loss_before": loss_before, "loss_after": loss_after,
+                                            "accuracy_before": acc_before, "accuracy_after": acc_after},
+            "started_from": "previous-delta" if start is not None else "base",
+        }
+        delta = Delta.from_params(trained, self.base_trainable, manifest.base_fingerprint, encoding=encoding, info=info)
+        version = self.store.save(user, delta)
+        if self._predictor is not None:
+            self._predictor.invalidate(user)
+        return PersonalizeResult(
+            user=user, version=version, delta_bytes=_delta_file_bytes(self.store, user, version), encoding=encoding,
+            steps=step, epochs_run=epoch, seconds=seconds, examples_used=len(train), holdout_examples=len(held),
+            duplicates_removed=examples.duplicates_removed, loss_before=loss_before, loss_after=loss_after,
+            accuracy_before=acc_before, accuracy_after=acc_after, stopped_by=stop,  # type: ignore[arg-type]
+            started_from=info["started_from"],  # type: ignore[arg-type]
+        )
+
+    def _evaluate(self, session: TrainingSession, held: Examples) -> tuple[float | None, float | None]:
+        """Mean loss and accuracy (classification) over the holdout, through the eval model."""
+        if len(held) == 0:
+            return None, None
+        total_loss, correct, counted, rows = 0.0, 0, 0, 0
+        for feeds, labels in batches(held, self._encoder, 64, None):
+            loss, logits = session.evaluate(feeds, labels)
+            total_loss += loss * len(labels)
+            rows += len(labels)
+            if self.bundle.manifest.loss == "cross-entropy":
+                correct += int((logits.argmax(-1) == labels).sum())
+                counted += len(labels)
+            elif self.bundle.manifest.loss == "bce-with-logits":
+                correct += int(((logits > 0) == (labels > 0.5)).all(axis=-1).sum())
+                counted += len(labels)
+        return total_loss / rows, (correct / counted if counted else None)
+
+    def predict(self, inputs: Any, user: str | None | Sequence[str | None] = None) -> Prediction:
+        """Predict with ``user``'s delta (None = the base model, a list = one user per row)."""
+        return self.predictor.predict(inputs, user=user)
+
+    def evaluate(self, user_data: Any, user: str | None = None) -> dict[str, float]:
+        """Accuracy (classifiers) of ``user``'s model on labelled data, through the predictor."""
+        examples = load_examples(user_data, self.bundle, self._encoder)
+        correct = 0
+        for feeds, labels in batches(examples, self._encoder, 64, None):
+            logits = self.predictor.logits(feeds, [user] * len(labels))
+            correct += int((logits.argmax(-1) == labels).sum())
+        return {"accuracy": correct / len(examples), "examples": float(len(examples))}
+
+
+def _delta_file_bytes(store: DeltaStore, user: str, version: int) -> int:
+    for row in store.info(user):
+        if row.get("version") == version:
+            return int(row.get("bytes", 0))
+    return 0
+
+
+def _progress_bar(total: int, user: str, wanted: bool | None):
+    if wanted is False or (wanted is None and not sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"personalize {user}", unit="step", leave=False)
+
+
+def _check_options(user: Any, epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_seconds: Any,
+                   patience: Any, encoding: Any) -> None:
+    problems = []
+    if not isinstance(user, str) or not user:
+        problems.append(f"user must be a non-empty string, got {user!r}")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        problems.append(f"epochs must be an int >= 1, got {epochs!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not np.isfinite(lr) or lr <= 0:
+        problems.append(f"learning_rate must be a positive number, got {lr!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        problems.append(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        problems.append(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
+    if max_seconds is not None and (not isinstance(max_seconds, (int, float)) or not max_seconds > 0):
+        problems.append(f"max_seconds must be a positive number or None, got {max_seconds!r}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
+    if encoding not in ("fp32", "fp16", "int8"):
+        problems.append(f"encoding must be fp32, fp16 or int8, got {encoding!r}")
+    if problems:
+        raise InvalidUserDataError("; ".join(problems))
+
+
+__all__ = ["Personalizer", "PersonalizeResult", "Progress", "BitfitError"]

@@ -1,0 +1,320 @@
+"""Inference for many users from **one** ONNX Runtime session per bundle.
+
+The bundle's inference model exposes each trainable tensor as an overridable input, so
+a user's delta is applied by feeding ``base + delta`` at run time: switching users never
+rebuilds a session. Decoded deltas are cached (LRU). In a per-row bundle, one batch can
+mix users: each row gets its own bias (``[rows, d]`` inputs) in one forward pass.
+
+Example:
+    >>> from bitfit.sdk import Predictor
+    >>> predictor = Predictor("bundles/minilm-sentiment", store="~/.local/share/bitfit")   # doctest: +SKIP
+    >>> predictor.predict(["great flight!", "lost my bag"], user=["alice", None]).labels     # doctest: +SKIP
+    ['positive', 'negative']
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .bundle import Bundle
+from .data import TextEncoder, check_feature_arrays, check_text
+from .delta import Delta, check_delta_fits
+from .errors import BitfitError, DeltaNotFoundError, InvalidUserDataError, ProviderUnavailableError
+from .ort_training import ort
+from .store import DeltaStore
+
+log = logging.getLogger("bitfit.sdk")
+
+GraphOptimization = Literal["disabled", "basic", "extended", "all"]
+BadDeltaPolicy = Literal["fallback", "raise"]
+_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Chosen by measurement (benchmarks/run.py, BENCHMARKS.md): with the biases overridable,
+# "all" and "basic" ran within noise of each other on ORT 1.19.2; "all" is never slower.
+DEFAULT_GRAPH_OPTIMIZATION: GraphOptimization = "all"
+
+
+def resolve_providers(providers: str | Sequence[Any] = "auto", *, strict: bool = False) -> list[Any]:
+    """The execution providers to ask ONNX Runtime for, CPU always last as a fallback.
+
+    ``"auto"`` is CUDA when this build has it, else CPU. An explicit list (names, or
+    ``(name, options)`` pairs) is passed through; a provider this build lacks is dropped
+    with a warning, or refused with ProviderUnavailableError when ``strict``.
+
+    Example:
+        >>> resolve_providers("cpu")
+        ['CPUExecutionProvider']
+        >>> resolve_providers(["XNNPACKExecutionProvider"])[-1]       # doctest: +SKIP
+        'CPUExecutionProvider'
+    """
+    available = ort.get_available_providers()
+    if providers == "auto":
+        wanted: list[Any] = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+    elif providers == "cpu":
+        wanted = []
+    elif providers == "cuda":
+        wanted = ["CUDAExecutionProvider"]
+        strict = True
+    elif isinstance(providers, str):
+        wanted = [providers]
+    else:
+        wanted = list(providers)
+    chosen: list[Any] = []
+    for item in wanted:
+        name = item[0] if isinstance(item, (tuple, list)) else item
+        if name == "CPUExecutionProvider":
+            continue
+        if name not in available:
+            message = f"execution provider {name} is not available in this onnxruntime build (has {available})"
+            if strict:
+                raise ProviderUnavailableError(message + "; install a build with it or use providers='cpu'")
+            warnings.warn(message + "; falling back to CPU", RuntimeWarning, stacklevel=2)
+            continue
+        chosen.append(tuple(item) if isinstance(item, (tuple, list)) else item)
+    return [*chosen, "CPUExecutionProvider"]
+
+
+@dataclass
+class Prediction:
+    """Model outputs for a batch: logits, probabilities and (for classifiers) label names.
+
+    ``fallbacks`` lists the users whose delta could not be used (corrupt, for another
+    base) and who were served the base model instead.
+    """
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    labels: list[Any]
+    users: list[str | None]
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+class Predictor:
+    """One inference session per bundle; any user's delta applied per call or per row."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        store: DeltaStore | str | os.PathLike | None = None,
+        *,
+        providers: str | Sequence[Any] = "auto",
+        strict_providers: bool = False,
+        graph_optimization: GraphOptimization = DEFAULT_GRAPH_OPTIMIZATION,
+        threads: int | None = None,
+        cache_size: int = 256,
+        on_bad_delta: BadDeltaPolicy = "fallback",
+        batch_size: int = 64,
+        key: bytes | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.manifest = self.bundle.manifest
+        self.store = store if isinstance(store, DeltaStore) or store is None else DeltaStore(store, key=key)
+        if graph_optimization not in _LEVELS:
+            raise BitfitError(f"unknown graph_optimization {graph_optimization!r}: use one of {sorted(_LEVELS)}")
+        if on_bad_delta not in ("fallback", "raise"):
+            raise BitfitError(f"on_bad_delta must be 'fallback' or 'raise', got {on_bad_delta!r}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _LEVELS[graph_optimization]
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.providers = resolve_providers(providers, strict=strict_providers)
+        self.session = ort.InferenceSession(str(self.bundle.file("inference_model")), options, providers=self.providers)
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        missing = [t.name for t in self.manifest.trainable if t.name not in overridable]
+        if missing:
+            from .errors import BundleInvalidError
+
+            raise BundleInvalidError(f"the inference model does not expose {missing[:3]} as overridable inputs; re-export the bundle")
+        self.input_names = [i.name for i in self.session.get_inputs() if i.name not in overridable]
+        self.encoder = TextEncoder(self.bundle) if self.manifest.text else None
+        self.base = {t.name: v.reshape(t.inference_shape) for t, v in zip(self.manifest.trainable, self.bundle.trainable_base().values())}
+        self.on_bad_delta = on_bad_delta
+        self.batch_size = batch_size
+        self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
+        self._cache_size = cache_size
+        self.last_fallbacks: dict[str, str] = {}
+
+    # -- deltas ---------------------------------------------------------------------
+    def _store_signature(self, user: str) -> Any:
+        head = self.store.path_for(user) / "HEAD" if self.store is not None else None
+        try:
+            stat = os.stat(head) if head is not None else None
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino) if stat else None
+
+    def user_tensors(self, user: str | None) -> dict[str, np.ndarray]:
+        """The trainable tensors to feed for ``user`` (base + delta), cached; {} for the base."""
+        if user is None:
+            return {}
+        signature = self._store_signature(user)
+        cached = self._cache.get(user)
+        if cached is not None and cached[0] == signature:
+            self._cache.move_to_end(user)
+            return cached[1]
+        tensors = self._load_user(user)
+        self._cache[user] = (signature, tensors)
+        self._cache.move_to_end(user)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def _load_user(self, user: str) -> dict[str, np.ndarray]:
+        if self.store is None:
+            raise BitfitError("this predictor has no delta store: create it with store=... to serve users")
+        try:
+            delta = self.store.load(user)
+            check_delta_fits(delta, base_fingerprint=self.manifest.base_fingerprint, shapes=self.manifest.trainable_shapes)
+        except DeltaNotFoundError:
+            return {}  # a user who has not personalized yet gets the base model
+        except BitfitError as err:
+            if self.on_bad_delta == "raise":
+                raise
+            log.warning("user %r: delta unusable (%s); serving the base model", user, err)
+            self.last_fallbacks[user] = f"{type(err).__name__}: {err}"
+            return {}
+        return self.tensors_for_delta(delta)
+
+    def tensors_for_delta(self, delta: Delta) -> dict[str, np.ndarray]:
+        """base + delta for each trainable tensor, in the inference model's shapes."""
+        return {t.name: (self.base[t.name] + delta.tensors[t.name].reshape(t.inference_shape)).astype(np.float32)
+                for t in self.manifest.trainable}
+
+    def invalidate(self, user: str | None = None) -> None:
+        """Forget cached deltas (one user, or all)."""
+        if user is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(user, None)
+
+    # -- inputs ---------------------------------------------------------------------
+    def encode(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
+        """Model feeds and row count from texts (text bundles) or a dict of arrays."""
+        if self.encoder is not None and not isinstance(inputs, Mapping):
+            if isinstance(inputs, (str, bytes)):
+                inputs = [inputs]
+            texts = [check_text(t, f"input {i}") for i, t in enumerate(inputs)]
+            if not texts:
+                raise InvalidUserDataError("predict needs at least one input")
+            return self.encoder.feeds_for_texts(texts), len(texts)
+        if not isinstance(inputs, Mapping):
+            raise InvalidUserDataError(f"this bundle takes numeric inputs: pass a dict of arrays named {self.input_names}")
+        arrays = check_feature_arrays(inputs, self.manifest)
+        rows = next(iter(arrays.values())).shape[0]
+        if rows == 0:
+            raise InvalidUserDataError("predict needs at least one input row")
+        return arrays, rows
+
+    # -- running --------------------------------------------------------------------
+    def logits(self, feeds: Mapping[str, np.ndarray], users: Sequence[str | None]) -> np.ndarray:
+        """Raw first output for already-encoded feeds; ``users`` has one entry per row."""
+        distinct = list(dict.fromkeys(users))
+        name = self.manifest.logits_output
+        if len(distinct) == 1:
+            return self.session.run([name], {**feeds, **self.user_tensors(distinct[0])})[0]
+        if self.manifest.per_row:
+            per_user = {u: self.user_tensors(u) for u in distinct}
+            rows = {t.name: np.concatenate([per_user[u].get(t.name, self.base[t.name]) for u in users])
+                    for t in self.manifest.trainable}
+            return self.session.run([name], {**feeds, **rows})[0]
+        # The graph folds batch into another axis: run each user's rows as one group.
+        users_arr = np.array([u if u is not None else "\0base" for u in users], dtype=object)
+        out: np.ndarray | None = None
+        for user in distinct:
+            index = np.nonzero(users_arr == (user if user is not None else "\0base"))[0]
+            part = {k: v[index] for k, v in feeds.items()}
+            if self.encoder is not None and self.manifest.text and self.manifest.text.attention_mask:
+                part = _trim_padding(part, self.manifest.text.attention_mask)
+            logits = self.session.run([name], {**part, **self.user_tensors(user)})[0]
+            if out is None:
+                out = np.zeros((len(users), *logits.shape[1:]), logits.dtype)
+            if logits.ndim >= 2 and out.ndim >= 2 and logits.shape[1:] != out.shape[1:]:
+                padded = np.zeros((len(index), *out.shape[1:]), logits.dtype)
+                padded[:, : logits.shape[1]] = logits
+                logits = padded
+            out[index] = logits
+        assert out is not None
+        return out
+
+    def predict(self, inputs: Any, user: str | None | Sequence[str | None] = None) -> Prediction:
+        """Predict for one user (or the base with ``user=None``), or one user per row.
+
+        Example:
+            >>> p.predict(["great flight!"], user="alice").labels             # doctest: +SKIP
+            ['positive']
+        """
+        feeds, rows = self.encode(inputs)
+        if user is None or isinstance(user, str):
+            users: list[str | None] = [user] * rows
+        else:
+            users = list(user)
+            if len(users) != rows:
+                raise InvalidUserDataError(f"user has {len(users)} entries for {rows} inputs; give one per input row")
+        for u in users:
+            if u is not None and (not isinstance(u, str) or not u):
+                raise InvalidUserDataError(f"user ids must be non-empty strings or None, got {u!r}")
+        self.last_fallbacks = {}
+        chunks = []
+        for start in range(0, rows, self.batch_size):
+            part = {k: v[start:start + self.batch_size] for k, v in feeds.items()}
+            if self.encoder is not None and self.manifest.text and self.manifest.text.attention_mask:
+                part = _trim_padding(part, self.manifest.text.attention_mask)
+            chunks.append(self.logits(part, users[start:start + self.batch_size]))
+        logits = _concat_ragged(chunks)
+        probabilities, labels = self._interpret(logits)
+        return Prediction(logits, probabilities, labels, users, dict(self.last_fallbacks))
+
+    def _interpret(self, logits: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+        loss, names = self.manifest.loss, self.manifest.labels
+        if loss == "mse":
+            return logits, logits.reshape(len(logits), -1)[:, 0].tolist() if logits.ndim <= 2 and logits.reshape(len(logits), -1).shape[1] == 1 else logits.tolist()
+        if loss == "bce-with-logits":
+            probs = 1.0 / (1.0 + np.exp(-logits))
+            return probs, [[(names[j] if names else j) for j in np.nonzero(row > 0.5)[0]] for row in probs]
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        index = probs.argmax(axis=-1)
+        if names:
+            labels = np.vectorize(lambda i: names[i], otypes=[object])(index).tolist()
+        else:
+            labels = index.tolist()
+        return probs, labels
+
+
+def _trim_padding(feeds: dict[str, np.ndarray], mask_name: str) -> dict[str, np.ndarray]:
+    # A chunk of a long padded batch need not carry the longest row's padding.
+    mask = feeds.get(mask_name)
+    if mask is None or mask.ndim != 2:
+        return feeds
+    length = max(1, int(mask.sum(axis=1).max()))
+    return {k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in feeds.items()}
+
+
+def _concat_ragged(chunks: list[np.ndarray]) -> np.ndarray:
+    if len(chunks) == 1 or chunks[0].ndim < 3:
+        return np.concatenate(chunks)
+    longest = max(c.shape[1] for c in chunks)
+    padded = []
+    for c in chunks:
+        if c.shape[1] < longest:
+            pad = np.zeros((c.shape[0], longest - c.shape[1], *c.shape[2:]), c.dtype)
+            c = np.concatenate([c, pad], axis=1)
+        padded.append(c)
+    return np.concatenate(padded)
+
+
+__all__ = ["Predictor", "Prediction", "resolve_providers", "GraphOptimization"]

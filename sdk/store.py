@@ -1,0 +1,519 @@
+"""DeltaStore: every user's delta versions on disk, written atomically under a per-user lock.
+
+Layout (``docs/delta-format.md``, "Store layout")::
+
+    <root>/<userdir>/user.json        {"user": "<original id>"}
+    <root>/<userdir>/v000001.delta    one delta file per version (monotonic, never reused)
+    <root>/<userdir>/HEAD             {"current": 3, "latest": 5}
+    <root>/<userdir>/.lock            filelock, held while the user's files change
+
+A version file is fully written and fsynced before ``HEAD`` moves to it, so a crash at
+any point leaves the store loading the last committed version.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> from bitfit.sdk.delta import Delta
+    >>> store = DeltaStore(tempfile.mkdtemp())
+    >>> store.save("alice", Delta({"b": np.ones(2)}, "sha256:00"))
+    1
+    >>> store.load("alice").tensors["b"].tolist(), store.users()
+    ([1.0, 1.0], ['alice'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .delta import TEMP_PREFIX, Delta, encode_delta, load_delta, validate_key, write_file_atomic
+from .errors import (
+    DeltaCorruptError,
+    DeltaNotFoundError,
+    InvalidArgumentError,
+    InvalidUserDataError,
+    StoreBusyError,
+    StoreWriteError,
+)
+
+HEAD_NAME = "HEAD"
+USER_FILE = "user.json"
+LOCK_NAME = ".lock"
+_VERSION_RE = re.compile(r"v(\d{6,})\.delta")
+_PREFIX_CHARS = 40
+_HASH_CHARS = 32
+
+
+@dataclass(frozen=True)
+class _State:
+    current: int | None
+    latest: int
+    versions: list[int]  # committed versions whose file exists, ascending
+
+
+class DeltaStore:
+    """Per-user delta versions in a directory tree, safe across processes and crashes.
+
+    Args:
+        root: the store directory; None uses ``platformdirs.user_data_dir("bitfit")/deltas``.
+            ``~`` is expanded. Created on the first save.
+        retention: how many of the newest versions to keep per user (the current one is
+            always kept as well).
+        lock_timeout: seconds to wait for another process holding a user's lock.
+        key: 16/24/32-byte AES key to encrypt every delta at rest (needs ``cryptography``).
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> from bitfit.sdk.delta import Delta
+        >>> store = DeltaStore(tempfile.mkdtemp(), retention=2)
+        >>> [store.save("bob", Delta({"b": np.full(1, i)}, "sha256:00")) for i in range(3)]
+        [1, 2, 3]
+        >>> store.versions("bob"), store.rollback("bob"), store.current_version("bob")
+        ([2, 3], 2, 2)
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        *,
+        retention: int = 5,
+        lock_timeout: float = 30.0,
+        key: bytes | None = None,
+    ) -> None:
+        if root is None:
+            import platformdirs
+
+            root = Path(platformdirs.user_data_dir("bitfit")) / "deltas"
+        if type(retention) is not int or retention < 1:
+            raise InvalidArgumentError(f"retention must be an int >= 1, got {retention!r}")
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
+            raise InvalidArgumentError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}")
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
+        self.retention = retention
+        self.lock_timeout = float(lock_timeout)
+        self._key = None if key is None else validate_key(key)
+
+    def __repr__(self) -> str:
+        return f"DeltaStore({str(self.root)!r}, retention={self.retention}, encrypted={self._key is not None})"
+
+    # ------------------------------------------------------------------ public API
+
+    def path_for(self, user: str) -> Path:
+        """The directory of ``user``'s deltas (it may not exist yet).
+
+        The name is a readable, sanitized prefix of the id plus 32 hex digits of its
+        sha256, so any id (``/``, ``..``, NUL, 10k characters) maps to one safe name
+        inside the root and two ids never share a directory.
+
+        Example:
+            >>> DeltaStore("/tmp/s").path_for("../../etc/passwd").name
+            '______etc_passwd-3754d6cb3a38e1185e5b382d5f3ef3f1'
+        """
+        _check_user(user)
+        path = self.root / _dirname(user)
+        # The name cannot escape by construction; a symlink planted in the root could.
+        if path.is_symlink() or (path.exists() and path.resolve().parent != self.root.resolve()):
+            raise DeltaCorruptError(f"{path} is not a plain directory inside the store root; refusing to follow it")
+        return path
+
+    def save(self, user: str, delta: Delta) -> int:
+        """Store ``delta`` as a new version of ``user`` and make it current.
+
+        Versions beyond ``retention`` are pruned, oldest first, never the current one.
+
+        Returns:
+            The new version number.
+
+        Raises:
+            StoreWriteError: disk full, read-only, ...; the previous current version is intact.
+            StoreBusyError: another process held the user's lock longer than ``lock_timeout``.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from bitfit.sdk.delta import Delta
+            >>> DeltaStore(tempfile.mkdtemp()).save("carol", Delta({"b": np.zeros(1)}, "sha256:00"))
+            1
+        """
+        if not isinstance(delta, Delta):
+            raise InvalidArgumentError(f"save needs a Delta, got {type(delta).__name__}")
+        directory = self.path_for(user)
+        data = encode_delta(delta, key=self._key)  # outside the lock: it is the slow part
+        with self._locked(directory, create=True):
+            self._ensure_user_file(directory, user)
+            self._remove_leftovers(directory)
+            state = self._state(directory)
+            version = state.latest + 1
+            path = directory / _version_name(version)
+            write_file_atomic(path, data)
+            try:
+                self._write_head(directory, version, version)
+            except StoreWriteError:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise
+            self._prune(directory, current=version, versions=[*state.versions, version])
+        return version
+
+    def load(self, user: str, version: int | None = None) -> Delta:
+        """Load ``user``'s current delta, or a given version.
+
+        Raises:
+            DeltaNotFoundError: the user has no delta, or not that version.
+            DeltaCorruptError: the file is damaged (or the key is wrong).
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from bitfit.sdk.delta import Delta
+            >>> store = DeltaStore(tempfile.mkdtemp())
+            >>> v = store.save("dan", Delta({"b": np.ones(1)}, "sha256:00", info={"steps": 9}))
+            >>> store.load("dan").info
+            {'steps': 9}
+        """
+        directory = self.path_for(user)
+        if version is not None:
+            state = self._state(directory)
+            _check_version(version)
+            if version not in state.versions:
+                raise _no_version(user, version, state.versions)
+            return load_delta(directory / _version_name(version), key=self._key)
+        # Lock-free read: a concurrent save may prune the version HEAD named a moment
+        # ago, so re-read HEAD when its file vanished.
+        for _ in range(5):
+            state = self._state(directory)
+            if state.current is None:
+                raise DeltaNotFoundError(f"user {_show(user)} has no delta yet: personalize first")
+            try:
+                return load_delta(directory / _version_name(state.current), key=self._key)
+            except DeltaNotFoundError:
+                continue
+        raise StoreBusyError(f"the deltas of user {_show(user)} kept changing while loading; try again")
+
+    def current_version(self, user: str) -> int | None:
+        """The current version of ``user``, or None if there is none.
+
+        Example:
+            >>> import tempfile
+            >>> DeltaStore(tempfile.mkdtemp()).current_version("nobody") is None
+            True
+        """
+        return self._state(self.path_for(user)).current
+
+    def versions(self, user: str) -> list[int]:
+        """The stored versions of ``user``, ascending (empty if none).
+
+        Example:
+            >>> import tempfile
+            >>> DeltaStore(tempfile.mkdtemp()).versions("nobody")
+            []
+        """
+        return list(self._state(self.path_for(user)).versions)
+
+    def users(self) -> list[str]:
+        """The original ids of every user with a directory in the store, sorted.
+
+        Example:
+            >>> import tempfile
+            >>> DeltaStore(tempfile.mkdtemp()).users()
+            []
+        """
+        found: list[str] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            user = _read_user_file(Path(entry.path))
+            if user is not None and _dirname(user) == entry.name:
+                found.append(user)
+        return sorted(found)
+
+    def info(self, user: str) -> list[dict[str, Any]]:
+        """One dict per version of ``user`` (for ``bitfit deltas list/show``).
+
+        Keys: version, bytes, current, and (if the file decodes) created, encoding,
+        base_fingerprint, info — or ``error`` with the reason it does not.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from bitfit.sdk.delta import Delta
+            >>> store = DeltaStore(tempfile.mkdtemp())
+            >>> _ = store.save("eve", Delta({"b": np.ones(3)}, "sha256:00", encoding="fp32"))
+            >>> row = store.info("eve")[0]
+            >>> row["version"], row["current"], row["encoding"]
+            (1, True, 'fp32')
+        """
+        directory = self.path_for(user)
+        state = self._state(directory)
+        rows: list[dict[str, Any]] = []
+        for version in state.versions:
+            path = directory / _version_name(version)
+            row: dict[str, Any] = {"version": version, "current": version == state.current}
+            try:
+                row["bytes"] = path.stat().st_size
+                delta = load_delta(path, key=self._key)
+            except (OSError, DeltaNotFoundError, DeltaCorruptError) as err:
+                row["error"] = str(err)
+            else:
+                row.update(
+                    created=delta.created,
+                    encoding=delta.encoding,
+                    base_fingerprint=delta.base_fingerprint,
+                    tensors=len(delta.tensors),
+                    info=delta.info,
+                )
+            rows.append(row)
+        return rows
+
+    def rollback(self, user: str, version: int | None = None) -> int:
+        """Make an earlier version current (None: the one before the current).
+
+        The next save still gets a new number above every version ever written.
+
+        Returns:
+            The version that is now current.
+
+        Raises:
+            DeltaNotFoundError: no such version, or none before the current.
+            DeltaCorruptError: the target version's file is damaged.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from bitfit.sdk.delta import Delta
+            >>> store = DeltaStore(tempfile.mkdtemp())
+            >>> _ = [store.save("fay", Delta({"b": np.zeros(1)}, "sha256:00")) for _ in range(2)]
+            >>> store.rollback("fay"), store.save("fay", Delta({"b": np.zeros(1)}, "sha256:00"))
+            (1, 3)
+        """
+        directory = self.path_for(user)
+        if version is not None:
+            _check_version(version)
+        with self._locked(directory, create=False, user=user):
+            state = self._state(directory)
+            if version is None:
+                earlier = [v for v in state.versions if state.current is not None and v < state.current]
+                if not earlier:
+                    raise DeltaNotFoundError(
+                        f"user {_show(user)} has no version before the current one ({state.current}) to roll back to"
+                    )
+                version = earlier[-1]
+            elif version not in state.versions:
+                raise _no_version(user, version, state.versions)
+            load_delta(directory / _version_name(version), key=self._key)  # refuse a damaged target
+            self._write_head(directory, version, state.latest)
+        return version
+
+    def delete(self, user: str, version: int | None = None) -> None:
+        """Delete one version of ``user``, or (None) everything the store has about the user.
+
+        Deleting the current version makes the previous one current (or, if none, the
+        newest remaining one).
+
+        Raises:
+            DeltaNotFoundError: the user or the version does not exist.
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from bitfit.sdk.delta import Delta
+            >>> store = DeltaStore(tempfile.mkdtemp())
+            >>> _ = [store.save("gus", Delta({"b": np.zeros(1)}, "sha256:00")) for _ in range(2)]
+            >>> store.delete("gus", 2); store.current_version("gus")
+            1
+            >>> store.delete("gus"); store.users()
+            []
+        """
+        directory = self.path_for(user)
+        if version is not None:
+            _check_version(version)
+        with self._locked(directory, create=False, user=user):
+            if version is None:
+                try:
+                    # Under the lock, .lock included: a waiter then sees its lock file gone and retries.
+                    shutil.rmtree(directory)
+                except OSError as err:
+                    raise StoreWriteError(f"could not delete {directory}: {err.strerror or err}") from err
+                return
+            state = self._state(directory)
+            if version not in state.versions:
+                raise _no_version(user, version, state.versions)
+            if version == state.current:
+                rest = [v for v in state.versions if v != version]
+                earlier = [v for v in rest if v < version]
+                current = earlier[-1] if earlier else (rest[-1] if rest else None)
+                self._write_head(directory, current, state.latest)  # move HEAD first: a crash keeps a valid HEAD
+            try:
+                (directory / _version_name(version)).unlink()
+            except OSError as err:
+                raise StoreWriteError(f"could not delete version {version}: {err.strerror or err}") from err
+
+    # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _locked(self, directory: Path, *, create: bool, user: str | None = None) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        lock_path = directory / LOCK_NAME
+        for _ in range(5):
+            if create:
+                try:
+                    directory.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise StoreWriteError(
+                        f"could not create {directory}: {err.strerror or err}; check that the store root is writable"
+                    ) from err
+            elif not directory.is_dir():
+                raise DeltaNotFoundError(f"user {_show(user or '')} has no deltas in {self.root}")
+            lock = FileLock(str(lock_path), timeout=self.lock_timeout)
+            try:
+                lock.acquire()
+            except Timeout as err:
+                raise StoreBusyError(
+                    f"another process has held {lock_path} for over {self.lock_timeout:g}s; "
+                    "try again later or raise lock_timeout"
+                ) from err
+            except OSError as err:
+                raise StoreWriteError(f"could not open the lock {lock_path}: {err.strerror or err}") from err
+            if _holds(lock, lock_path):
+                break
+            lock.release()  # the directory was deleted (and maybe re-created) while we waited
+        else:
+            raise StoreBusyError(f"{directory} kept being deleted and re-created; try again")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _state(self, directory: Path) -> _State:
+        files = _version_files(directory)
+        head = _read_head(directory)
+        if head is not None and (head[0] is None or head[0] in files):
+            current, latest = head
+            return _State(current, latest, sorted(v for v in files if v <= latest))
+        # HEAD missing, unreadable or naming a lost file: the newest version that decodes is current.
+        latest = max([*files, head[1] if head else 0], default=0)
+        current = None
+        for version in sorted(files, reverse=True):
+            try:
+                load_delta(files[version], key=self._key)
+            except (DeltaCorruptError, DeltaNotFoundError):
+                continue
+            current = version
+            break
+        return _State(current, latest, sorted(files))
+
+    def _write_head(self, directory: Path, current: int | None, latest: int) -> None:
+        write_file_atomic(directory / HEAD_NAME, json.dumps({"current": current, "latest": latest}).encode())
+
+    def _ensure_user_file(self, directory: Path, user: str) -> None:
+        if _read_user_file(directory) != user:
+            # ensure_ascii keeps lone surrogates (allowed in ids) representable in UTF-8.
+            write_file_atomic(directory / USER_FILE, json.dumps({"user": user}, ensure_ascii=True).encode())
+
+    def _remove_leftovers(self, directory: Path) -> None:
+        """Remove temp files of writers that crashed, and version files HEAD never committed."""
+        head = _read_head(directory)
+        for entry in os.scandir(directory):
+            match = _VERSION_RE.fullmatch(entry.name)
+            stray = entry.name.startswith(TEMP_PREFIX) or (head is not None and match and int(match[1]) > head[1])
+            if stray:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    def _prune(self, directory: Path, *, current: int, versions: list[int]) -> None:
+        keep = set(sorted(versions)[-self.retention :]) | {current}
+        for version in versions:
+            if version not in keep:
+                # A failed prune costs disk space only; the save itself succeeded.
+                with contextlib.suppress(OSError):
+                    (directory / _version_name(version)).unlink()
+
+
+def _check_user(user: Any) -> None:
+    if not isinstance(user, str):
+        raise InvalidUserDataError(f"user id must be a str, got {type(user).__name__}")
+    if not user:
+        raise InvalidUserDataError("user id must not be empty")
+
+
+def _check_version(version: Any) -> None:
+    if type(version) is not int or version < 1:
+        raise InvalidArgumentError(f"version must be an int >= 1, got {version!r}")
+
+
+def _no_version(user: str, version: int, versions: list[int]) -> DeltaNotFoundError:
+    return DeltaNotFoundError(f"user {_show(user)} has no version {version} (has {versions or 'none'})")
+
+
+def _show(user: str) -> str:
+    return repr(user if len(user) <= 60 else user[:57] + "...")
+
+
+def _dirname(user: str) -> str:
+    digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "_", user[:_PREFIX_CHARS])
+    # A leading "-" reads as an option to shell tools; "." never occurs, so no hidden names.
+    prefix = "_" + prefix[1:] if prefix.startswith("-") else prefix
+    return f"{prefix}-{digest}"
+
+
+def _version_name(version: int) -> str:
+    return f"v{version:06d}.delta"
+
+
+def _version_files(directory: Path) -> dict[int, Path]:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return {}
+    files = {}
+    for entry in entries:
+        match = _VERSION_RE.fullmatch(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and int(match[1]) >= 1:
+            files[int(match[1])] = Path(entry.path)
+    return files
+
+
+def _read_head(directory: Path) -> tuple[int | None, int] | None:
+    try:
+        head = json.loads((directory / HEAD_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(head, dict):
+        return None
+    current, latest = head.get("current"), head.get("latest")
+    if type(latest) is not int or latest < 0:
+        return None
+    if current is not None and (type(current) is not int or not 1 <= current <= latest):
+        return None
+    return current, latest
+
+
+def _read_user_file(directory: Path) -> str | None:
+    try:
+        user = json.loads((directory / USER_FILE).read_bytes()).get("user")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return user if isinstance(user, str) and user else None
+
+
+def _holds(lock: Any, lock_path: Path) -> bool:
+    """True if the lock we hold is on the file now at ``lock_path`` (not a deleted one)."""
+    try:
+        on_disk = os.stat(lock_path)
+    except OSError:
+        return False
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if fd is None:
+        return True  # filelock internals changed: fall back to "the file exists"
+    try:
+        held = os.fstat(fd)
+    except OSError:
+        return True
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
