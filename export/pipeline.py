@@ -149,7 +149,7 @@ def export_bundle(
         tokenizer_file = Path(tokenizer) if tokenizer else src.tokenizer_file
         if tokenizer_file is not None:
             files["tokenizer"] = sources.copy_tokenizer(tokenizer_file, work)
-            text = text or TextSpec(tokenizer="tokenizer.json", max_length=max_length)
+            text = text or _text_spec_for(forward, max_length)
         if ort_format:
             files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
                                                      ignore_index=ignore_index if loss == "token-cross-entropy" else None,
@@ -190,6 +190,15 @@ def export_bundle(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Bundle.open(out_dir)
+
+
+def _text_spec_for(model: onnx.ModelProto, max_length: int) -> TextSpec:
+    """Map a tokenizer's outputs onto the model's inputs by their conventional names."""
+    names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    ids = next((n for n in names if n == "input_ids"), names[0])
+    return TextSpec(tokenizer="tokenizer.json", max_length=max_length, input_ids=ids,
+                    attention_mask="attention_mask" if "attention_mask" in names else None,
+                    token_type_ids="token_type_ids" if "token_type_ids" in names else None)
 
 
 def _io_specs(values, exclude: set[str] = frozenset()) -> list[IOSpec]:
