@@ -145,16 +145,28 @@ class Predictor:
         self.batch_size = batch_size
         self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
         self._cache_size = cache_size
+        self._head_paths: dict[str, str] = {}
         self.last_fallbacks: dict[str, str] = {}
 
     # -- deltas ---------------------------------------------------------------------
     def _store_signature(self, user: str) -> Any:
-        head = self.store.path_for(user) / "HEAD" if self.store is not None else None
+        """What identifies the user's current delta on disk: HEAD's stat (one syscall).
+
+        Another process may save a new version at any time; a changed HEAD (new inode
+        after its atomic rename) invalidates the cached tensors.
+        """
+        if self.store is None:
+            return None
+        head = self._head_paths.get(user)
+        if head is None:
+            if len(self._head_paths) > 4 * self._cache_size:
+                self._head_paths.clear()  # bounded memory with millions of users
+            head = self._head_paths[user] = str(self.store.path_for(user) / "HEAD")
         try:
-            stat = os.stat(head) if head is not None else None
+            stat = os.stat(head)
         except OSError:
             return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino) if stat else None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     def user_tensors(self, user: str | None) -> dict[str, np.ndarray]:
         """The trainable tensors to feed for ``user`` (base + delta), cached; {} for the base."""
