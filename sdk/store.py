@@ -177,8 +177,8 @@ class DeltaStore:
         """
         directory = self.path_for(user)
         if version is not None:
-            state = self._state(directory)
             _check_version(version)
+            state = self._state(directory)
             if version not in state.versions:
                 raise _no_version(user, version, state.versions)
             return load_delta(directory / _version_name(version), key=self._key)
