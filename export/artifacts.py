@@ -156,9 +156,11 @@ def generate_training_artifacts(
     if ort_format:
         for leftover in target.glob("*.onnx"):
             leftover.unlink()
-        config = target / "required_operators.config"
-        if config.exists():
-            files["mobile_required_operators"] = prefix + config.name
+        # The converter writes one ``<model>.required_operators.config`` per model; a minimal
+        # mobile build of ORT is configured from them, so they ship and are listed.
+        for config in sorted(target.glob("*required_operators.config")):
+            model_name = config.name[: -len("required_operators.config")].rstrip(".")
+            files[f"mobile_{model_name}_required_operators" if model_name else "mobile_required_operators"] = prefix + config.name
     log.info("training artifacts written to %s", target)
     return files
 

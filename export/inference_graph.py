@@ -124,7 +124,9 @@ def _rewrite_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[st
         # the per-row bias to its output (the same value, since the bias is added last).
         if node.op_type in ("BatchNormalization", "InstanceNormalization"):
             zero = f"{name}.__zero"
-            model.graph.initializer.append(numpy_helper.from_array(np.zeros(width, np.float32), zero))
+            # A Constant node, not an initializer: every float initializer is a base weight.
+            extra.append(helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.zeros(width, np.float32), zero),
+                                          name=zero))
             node.input[use.input_index] = zero
         else:
             node.input[use.input_index] = ""
@@ -137,8 +139,8 @@ def _rewrite_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[st
     ordered = []
     for node in model.graph.node:
         extra = new_nodes.get(node.name, [])
-        unsq = [n for n in extra if n.op_type == "Unsqueeze"]
-        rest = [n for n in extra if n.op_type != "Unsqueeze"]
+        unsq = [n for n in extra if n.op_type in ("Unsqueeze", "Constant")]
+        rest = [n for n in extra if n.op_type not in ("Unsqueeze", "Constant")]
         ordered.extend(unsq + [node] + rest)
     del model.graph.node[:]
     model.graph.node.extend(ordered)

@@ -38,6 +38,10 @@ def _register_bare_training_package() -> None:
     package.__path__ = [os.path.join(os.path.dirname(spec.origin), "training")]
     package.__package__ = "onnxruntime.training"
     sys.modules["onnxruntime.training"] = package
+    # ``import onnxruntime`` probes ``onnxruntime.training.ortmodule`` (which imports torch,
+    # ~1 s and hundreds of MB even where torch is installed); a None entry makes that probe
+    # an ImportError, which onnxruntime treats as "no ORTModule".
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)  # type: ignore[arg-type]
 
 
 _register_bare_training_package()
