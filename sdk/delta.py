@@ -1,9 +1,11 @@
 """The delta file: one user's trained tensors, stored as differences from the base.
 
 A delta is what personalization produces and what the predictor applies: for each
-trainable tensor, ``trained - base``, encoded as fp32, fp16 or int8 in a safetensors
-file whose metadata ties it to one base model (its fingerprint) and carries a
-checksum. ``docs/delta-format.md`` is the spec (format_version 1); this module is the
+trainable tensor, ``trained - base``, encoded as fp32, fp16 or int8. The file is a
+safetensors file with one flat ``values`` tensor (all differences, in name order), a
+``scales`` tensor for int8, and metadata that lists the tensors' names and shapes once
+(compressed), ties the delta to one base model (its fingerprint) and carries a
+checksum. ``docs/delta-format.md`` is the spec (format_version 2); this module is the
 format's only reader and writer.
 
 Example:
@@ -18,14 +20,19 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,8 +54,16 @@ from .errors import (
 Encoding = Literal["fp32", "fp16", "int8"]
 
 FORMAT = "bitfit-delta"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = (FORMAT_VERSION,)
+# Not a storage key since version 2; still reserved so a delta can always be written out
+# as a per-tensor safetensors file (name, name::scale) by tools that want one.
 SCALE_SUFFIX = "::scale"
+VALUES = "values"
+SCALES = "scales"
+# The layout of a bias set is a few KB of JSON (a 7B model: ~100 KB); the cap stops a
+# small compressed string from inflating into gigabytes (a zip bomb).
+MAX_LAYOUT_BYTES = 1024 * 1024
 ENCRYPTED_MAGIC = b"BFDELTA-AESGCM1\n"
 TEMP_PREFIX = ".tmp-"
 # Far above any bias-only delta (a 7B model has a few MB of biases); it only stops a
@@ -62,7 +77,7 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 _STORED_DTYPE: dict[str, str] = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
 _NUMPY_DTYPE: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1")}
 _STORED_DTYPE_OF_ARRAY = {"<f4": "F32", "<f2": "F16", "|i1": "I8"}
-_METADATA_KEYS = ("format", "format_version", "base_fingerprint", "encoding", "created", "info", "tensors", "checksum")
+_METADATA_KEYS = ("format", "format_version", "base_fingerprint", "encoding", "created", "info", "layout", "checksum")
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -260,7 +275,7 @@ def encode_delta(delta: Delta, *, key: bytes | None = None) -> bytes:
         key = validate_key(key)
     from safetensors.numpy import save
 
-    stored = _stored_tensors(delta)
+    stored = _payload(delta)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -268,7 +283,7 @@ def encode_delta(delta: Delta, *, key: bytes | None = None) -> bytes:
         "encoding": delta.encoding,
         "created": delta.created,
         "info": _dump_json(delta.info),
-        "tensors": _dump_json([[name, list(a.shape)] for name, a in delta.tensors.items()]),
+        "layout": _encode_layout([(name, a.shape) for name, a in delta.tensors.items()]),
     }
     metadata["checksum"] = _checksum(
         metadata, [(name, _STORED_DTYPE_OF_ARRAY[a.dtype.str], a.shape, a.tobytes()) for name, a in stored.items()]
@@ -281,8 +296,8 @@ def decode_delta(data: bytes, *, key: bytes | None = None) -> Delta:
     """Decode and verify the bytes of a delta file.
 
     Every defect of the bytes (truncated, altered, not a delta, unsupported version,
-    checksum mismatch, NaN, missing scale, ...) raises ``DeltaCorruptError``; nothing
-    else escapes for bad input.
+    checksum mismatch, bad layout, NaN, missing scales, ...) raises
+    ``DeltaCorruptError``; nothing else escapes for bad input.
 
     Args:
         data: the file's bytes.
@@ -600,18 +615,25 @@ def _round_trip(d: np.ndarray, encoding: str) -> np.ndarray:
     return d
 
 
-def _stored_tensors(delta: Delta) -> dict[str, np.ndarray]:
-    stored: dict[str, np.ndarray] = {}
-    for name, d in delta.tensors.items():
-        if delta.encoding == "fp32":
-            stored[name] = np.ascontiguousarray(d, dtype="<f4")
-        elif delta.encoding == "fp16":
-            stored[name] = np.ascontiguousarray(d.astype("<f2"))
-        else:
-            q, scale = _int8_quantize(d)
-            stored[name] = np.ascontiguousarray(q)
-            stored[name + SCALE_SUFFIX] = np.array(scale, dtype="<f4")  # shape []
-    return stored
+def _payload(delta: Delta) -> dict[str, np.ndarray]:
+    """The stored tensors: every difference in one flat ``values``, plus int8's ``scales``."""
+    flat = [d.ravel() for d in delta.tensors.values()]
+    if delta.encoding == "int8":
+        quantized = [_int8_quantize(d) for d in flat]
+        return {
+            VALUES: np.concatenate([q for q, _ in quantized] or [np.zeros(0, np.int8)]),
+            SCALES: np.array([scale for _, scale in quantized], dtype="<f4"),
+        }
+    dtype = "<f4" if delta.encoding == "fp32" else "<f2"
+    with np.errstate(all="ignore"):  # the fp16 range was checked when the Delta was built
+        return {VALUES: np.concatenate(flat or [np.zeros(0, np.float32)]).astype(dtype)}
+
+
+def _encode_layout(layout: list[tuple[str, tuple[int, ...]]]) -> str:
+    # Compressed because the names are most of the header: the 50 MiniLM names are 2,517
+    # bytes of JSON and 328 of base64 once deflated (they share long prefixes).
+    text = json.dumps([[name, [int(n) for n in shape]] for name, shape in layout], separators=(",", ":"))
+    return base64.b64encode(zlib.compress(text.encode("ascii"), 9)).decode("ascii")
 
 
 def _checksum(metadata: Mapping[str, str], tensors: list[tuple[str, str, tuple[int, ...], bytes]]) -> str:
@@ -730,45 +752,66 @@ def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tup
     return metadata, entries, 8 + n
 
 
-def _parse_tensor_list(text: str) -> dict[str, tuple[int, ...]]:
+def _decode_layout(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Metadata ``layout`` -> [(name, shape)], refusing anything but what docs/delta-format.md allows."""
     try:
-        listed = json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise _corrupt("metadata 'tensors' is not JSON") from err
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as err:
+        raise _corrupt("metadata 'layout' is not base64") from err
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(packed, MAX_LAYOUT_BYTES + 1)
+    except zlib.error as err:
+        raise _corrupt(f"metadata 'layout' is not zlib data ({err})") from err
+    if len(raw) > MAX_LAYOUT_BYTES:
+        raise _corrupt(f"metadata 'layout' inflates to more than {MAX_LAYOUT_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise _corrupt("metadata 'layout' is a truncated zlib stream or has bytes after it")
+    try:
+        listed = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise _corrupt("metadata 'layout' is not UTF-8 JSON") from err
     if not isinstance(listed, list):
-        raise _corrupt("metadata 'tensors' is not a list")
-    out: dict[str, tuple[int, ...]] = {}
+        raise _corrupt("metadata 'layout' is not a list")
+    layout: list[tuple[str, tuple[int, ...]]] = []
     for item in listed:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], list)
-                and all(_is_int(s) for s in item[1])):
-            raise _corrupt("metadata 'tensors' has a malformed entry")
-        out[item[0]] = tuple(item[1])
-    names = [item[0] for item in listed]
-    try:
-        in_order = names == sorted(names, key=_utf8) and len(set(names)) == len(names)
-    except UnicodeEncodeError:
-        in_order = False
-    if not in_order:
-        raise _corrupt("metadata 'tensors' is not sorted or has duplicates")
-    return out
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0]
+                and _is_text(item[0]) and isinstance(item[1], list) and all(_is_int(s) for s in item[1])):
+            raise _corrupt("metadata 'layout' has a malformed entry (want [name, [d0, d1, ...]])")
+        layout.append((item[0], tuple(item[1])))
+    keys = [_utf8(name) for name, _ in layout]
+    if any(a >= b for a, b in itertools.pairwise(keys)):
+        raise _corrupt("metadata 'layout' is not sorted by name or has duplicates")
+    return layout
+
+
+def _check_version(metadata: Mapping[str, str]) -> None:
+    version = metadata.get("format_version")
+    if version is None:
+        raise _corrupt("the metadata lacks format_version")
+    if version in READABLE_VERSIONS:
+        return
+    known = ", ".join(READABLE_VERSIONS)
+    if version.isdecimal() and int(version) < int(FORMAT_VERSION):
+        hint = "it was written by an older bitfit: personalize again to write a current one"
+    else:
+        hint = "upgrade bitfit to read it, or personalize again with this one"
+    raise DeltaCorruptError(
+        f"the delta has format_version {version!r}; this bitfit reads format_version {known} only; {hint}"
+    )
 
 
 def _decode_plain(data: bytes) -> Delta:
     metadata, entries, data_start = _parse_header(data)
+    _check_version(metadata)  # first: an old file also lacks this version's keys
     missing = [k for k in _METADATA_KEYS if k not in metadata]
     if missing:
         raise _corrupt(f"the metadata lacks {', '.join(missing)}")
-    if metadata["format_version"] != FORMAT_VERSION:
-        raise DeltaCorruptError(
-            f"the delta has format_version {metadata['format_version']!r}; this bitfit reads version "
-            f"{FORMAT_VERSION}. Upgrade bitfit, or personalize again to write a version {FORMAT_VERSION} delta"
-        )
     if not _CHECKSUM_RE.fullmatch(metadata["checksum"]):
         raise _corrupt("the checksum field is malformed")
     buffer = memoryview(data)[data_start:]
-    actual = _checksum(
-        metadata, [(name, dt, shape, bytes(buffer[s:e])) for name, (dt, shape, s, e) in entries.items()]
-    )
+    raw = {name: bytes(buffer[s:e]) for name, (_, _, s, e) in entries.items()}
+    actual = _checksum(metadata, [(name, dt, shape, raw[name]) for name, (dt, shape, _, _) in entries.items()])
     if actual != metadata["checksum"]:
         raise _corrupt("checksum mismatch: the file was altered or damaged")
     encoding = metadata["encoding"]
@@ -780,19 +823,16 @@ def _decode_plain(data: bytes) -> Delta:
         raise _corrupt("metadata 'info' is not JSON") from err
     if not isinstance(info, dict):
         raise _corrupt("metadata 'info' is not a JSON object")
-    listed = _parse_tensor_list(metadata["tensors"])
-    expected: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-    for name, shape in listed.items():
-        if name.endswith(SCALE_SUFFIX) or name == "__metadata__":
-            raise _corrupt(f"tensor name {name!r} is reserved")
-        expected[name] = (_STORED_DTYPE[encoding], shape)
-        if encoding == "int8":
-            expected[name + SCALE_SUFFIX] = ("F32", None)  # [] as written; [1] accepted
+    layout = _decode_layout(metadata["layout"])
+    sizes = [math.prod(shape) for _, shape in layout]
+    expected = {VALUES: (_STORED_DTYPE[encoding], (sum(sizes),))}
+    if encoding == "int8":
+        expected[SCALES] = ("F32", (len(layout),))
     if set(entries) != set(expected):
         lacking = sorted(set(expected) - set(entries))
         surplus = sorted(set(entries) - set(expected))
         raise _corrupt(
-            "the stored tensors differ from the metadata list"
+            f"encoding {encoding!r} stores exactly the tensors {', '.join(sorted(expected))}"
             + (f"; missing {_names(lacking)}" if lacking else "")
             + (f"; unexpected {_names(surplus)}" if surplus else "")
         )
@@ -800,32 +840,45 @@ def _decode_plain(data: bytes) -> Delta:
         got_dtype, got_shape, _, _ = entries[name]
         if got_dtype != dtype:
             raise _corrupt(f"tensor {name!r} is stored as {got_dtype}, but encoding {encoding!r} stores {dtype}")
-        if shape is None and got_shape not in ((), (1,)):
-            raise _corrupt(f"scale {name!r} must have shape [] or [1], has {list(got_shape)}")
-        if shape is not None and got_shape != shape:
-            raise _corrupt(f"tensor {name!r} has shape {list(got_shape)} but the metadata lists {list(shape)}")
-    tensors: dict[str, np.ndarray] = {}
-    for name, shape in listed.items():
-        dtype, _, start, end = entries[name]
-        raw = np.frombuffer(buffer[start:end], dtype=_NUMPY_DTYPE[dtype]).reshape(shape)
-        if encoding == "int8":
-            sdtype, _, s0, s1 = entries[name + SCALE_SUFFIX]
-            scale = np.frombuffer(buffer[s0:s1], dtype=_NUMPY_DTYPE[sdtype]).reshape(())
-            if not (np.isfinite(scale) and scale > 0):
-                raise _corrupt(f"scale of {name!r} is {float(scale)!r}; it must be finite and > 0")
-            if raw.size and int(raw.min()) < -127:
-                raise _corrupt(f"tensor {name!r} holds -128, outside the symmetric int8 range")
-            with np.errstate(all="ignore"):
-                value = _int8_dequantize(raw, scale[()])
-        else:
-            value = raw.astype(np.float32)
-        if not np.isfinite(value).all():
-            raise _corrupt(f"tensor {name!r} holds NaN or infinite values")
-        tensors[name] = value
+        if got_shape != shape:
+            raise _corrupt(
+                f"tensor {name!r} has shape {list(got_shape)}, but the layout ({len(layout)} tensors, "
+                f"{sum(sizes)} values) needs {list(shape)}"
+            )
+    tensors = _unpack(encoding, layout, raw)
     try:
         return Delta(tensors, metadata["base_fingerprint"], encoding, created=metadata["created"], info=info)
     except (InvalidArgumentError, TrainingDivergedError) as err:
         raise _corrupt(f"the delta's content is invalid ({err})") from err
+
+
+def _unpack(
+    encoding: str, layout: list[tuple[str, tuple[int, ...]]], raw: Mapping[str, bytes]
+) -> dict[str, np.ndarray]:
+    """Split the checked ``values`` (and ``scales``) into the layout's float32 tensors."""
+    sizes = [math.prod(shape) for _, shape in layout]
+    ends = list(itertools.accumulate(sizes))
+
+    def owner(index: int) -> str:  # the name of the tensor holding flat value ``index``
+        return layout[bisect.bisect_right(ends, index)][0]
+
+    flat = np.frombuffer(raw[VALUES], dtype=_NUMPY_DTYPE[_STORED_DTYPE[encoding]])
+    if encoding == "int8":
+        scales = np.frombuffer(raw[SCALES], dtype="<f4")
+        bad = np.flatnonzero(~(np.isfinite(scales) & (scales > 0)))
+        if bad.size:
+            i = int(bad[0])
+            raise _corrupt(f"scale of {layout[i][0]!r} is {float(scales[i])!r}; it must be finite and > 0")
+        if flat.size and int(flat.min()) < -127:
+            raise _corrupt(f"tensor {owner(int(np.argmin(flat)))!r} holds -128, outside the symmetric int8 range")
+        with np.errstate(all="ignore"):
+            values = flat.astype(np.float32) * np.repeat(scales, sizes)  # float32 * float32, as the spec says
+    else:
+        values = flat.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise _corrupt(f"tensor {owner(int(bad[0]))!r} holds NaN or infinite values")
+    return {name: part.reshape(shape) for (name, shape), part in zip(layout, np.split(values, ends[:-1]))}
 
 
 def _fsync_dir(directory: Path) -> None:
