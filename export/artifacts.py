@@ -9,8 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 import shutil
 from pathlib import Path
 
@@ -89,6 +91,29 @@ def _transpose_classes_to_axis1(model: onnx.ModelProto, output_name: str) -> str
     return transposed
 
 
+@contextlib.contextmanager
+def _quiet_gradient_builder() -> Iterator[None]:
+    """Silence the gradient builder's C++ INFO lines (one per graph transformer).
+
+    Why: onnxblock builds its own ``SessionOptions()`` whose logger ignores
+    ``set_default_logger_severity``; we hand it options at WARNING+ instead.
+    """
+    from onnxruntime.training.onnxblock import _training_graph_utils as builder
+
+    original = builder.SessionOptions
+
+    def quiet_options():
+        options = original()
+        options.log_severity_level = 3
+        return options
+
+    builder.SessionOptions = quiet_options
+    try:
+        yield
+    finally:
+        builder.SessionOptions = original
+
+
 def generate_training_artifacts(
     model: onnx.ModelProto,
     trainable: list[str],
@@ -118,11 +143,12 @@ def generate_training_artifacts(
     target = out_dir / "mobile" if ort_format else out_dir
     target.mkdir(parents=True, exist_ok=True)
     try:
-        ort_artifacts.generate_artifacts(
-            model, requires_grad=trainable, frozen_params=frozen, loss=_loss_block(loss, ignore_index),
-            optimizer=optim, artifact_directory=str(target), nominal_checkpoint=not ort_format,
-            additional_output_names=[logits_output], ort_format=ort_format,
-        )
+        with _quiet_gradient_builder():
+            ort_artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen, loss=_loss_block(loss, ignore_index),
+                optimizer=optim, artifact_directory=str(target), nominal_checkpoint=not ort_format,
+                additional_output_names=[logits_output], ort_format=ort_format,
+            )
     except UnsupportedModelError:
         raise
     except Exception as err:

@@ -235,6 +235,12 @@ def _inference_to_ort(work: Path) -> str:
 
 def _move_into_place(work: Path, out_dir: Path) -> None:
     """Swap the finished bundle in; an old bundle is removed only after the new one is in place."""
+    # mkdtemp made the work dir owner-only (0700); a bundle is meant to be shared (e.g. read
+    # by a service account), so give it the permissions a normal directory would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [work, *work.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")

@@ -161,6 +161,7 @@ def from_torch(
     if not inputs:
         raise ExportError("example_inputs is empty: pass one example batch (a dict or tuple of tensors)")
     output_names = output_names or ["logits"]
+    was_training = module.training
     axes = dynamic_axes or _default_dynamic_axes(inputs, output_names)
     if "__sequence_outputs__" in axes:
         del axes["__sequence_outputs__"]
@@ -170,20 +171,27 @@ def from_torch(
         seq_len = next(a.shape[1] for a in inputs.values() if a.ndim == 2 and a.dtype.kind in "iu")
         if getattr(first, "ndim", 0) == 3 and first.shape[1] == seq_len:
             axes[output_names[0]][1] = "sequence"
-    was_training = module.training
     module.eval()
     tensors = tuple(torch.from_numpy(a) for a in inputs.values())
-    with tempfile.TemporaryDirectory() as tmp, distinct_parameter_values(module) as originals:
-        path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, tensors, str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
-                export_params=True, input_names=list(inputs), output_names=output_names, dynamic_axes=axes,
-                training=torch.onnx.TrainingMode.EVAL,
-            )
-        model = onnx.load(str(path))
-    module.train(was_training)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, distinct_parameter_values(module) as originals, traceable_masks():
+            path = Path(tmp) / "model.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    torch.onnx.export(
+                        module, tensors, str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
+                        export_params=True, input_names=list(inputs), output_names=output_names, dynamic_axes=axes,
+                        training=torch.onnx.TrainingMode.EVAL,
+                    )
+                except Exception as err:  # tracer failures surface as bare RuntimeErrors ("unordered_map::at")
+                    raise ExportError(
+                        f"torch.onnx.export (TorchScript, opset {opset}) could not trace the module: {err}. Check that "
+                        "forward runs on example_inputs, or pass a saved Hugging Face directory with hf_task= instead."
+                    ) from err
+            model = onnx.load(str(path))
+    finally:
+        module.train(was_training)
     _check_no_leftover_perturbation(model, originals)
     restore_initializers(model, originals)
     _keep_outputs(model, output_names[:1])
@@ -203,6 +211,30 @@ def from_torch(
     )
 
 
+@contextlib.contextmanager
+def traceable_masks() -> Iterator[None]:
+    """Build transformers' attention masks without ``torch.vmap`` while exporting.
+
+    Why: transformers >= 4.53 builds causal masks with ``torch.vmap``, which the
+    TorchScript tracer cannot trace (``RuntimeError: unordered_map::at``). optimum's
+    exporter swaps in its vmap-free versions the same way; we do it for torch modules too.
+    A no-op where transformers or optimum is missing.
+    """
+    try:
+        from optimum.exporters.onnx.model_patcher import eager_mask_without_vmap, sdpa_mask_without_vmap
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+    except ImportError:
+        yield
+        return
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask_without_vmap)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("eager", eager_mask_without_vmap)
+    try:
+        yield
+    finally:
+        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register("eager", eager_mask)
+
+
 def _keep_outputs(model: onnx.ModelProto, names: list[str]) -> None:
     # generate_artifacts feeds *every* graph output to the loss block, so the forward graph
     # must expose exactly the output the loss reads.
@@ -215,7 +247,10 @@ def _keep_outputs(model: onnx.ModelProto, names: list[str]) -> None:
 
 def check_external_data(model_path: Path) -> None:
     """Refuse an .onnx file whose external data points outside its own directory."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as err:  # onnx raises protobuf's DecodeError and friends
+        raise ExportError(f"{model_path} is not a readable ONNX model ({err})") from err
     root = model_path.parent.resolve()
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:

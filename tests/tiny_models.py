@@ -123,25 +123,8 @@ def tiny_gpt2(seed: int = 0):
     return LogitsOnly(inner).eval(), text_inputs()
 
 
-@contextlib.contextmanager
-def traceable_masks():
-    """Build transformers' attention masks without ``torch.vmap`` while the block runs.
-
-    Why: transformers >= 4.53 builds causal masks with ``torch.vmap``, which the
-    TorchScript tracer cannot trace (``RuntimeError: unordered_map::at``). optimum's
-    exporter swaps in its vectorised versions the same way; a torch module handed to
-    ``export_bundle`` directly needs the caller to do it.
-    """
-    from optimum.exporters.onnx.model_patcher import eager_mask_without_vmap, sdpa_mask_without_vmap
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
-
-    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask_without_vmap)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("eager", eager_mask_without_vmap)
-    try:
-        yield
-    finally:
-        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", sdpa_mask)
-        ALL_MASK_ATTENTION_FUNCTIONS.register("eager", eager_mask)
+# export_bundle applies optimum's vmap-free masks itself; kept as a name for the tests.
+from bitfit.export.sources import traceable_masks  # noqa: E402,F401
 
 
 class ZeroBiasNet(nn.Module):
