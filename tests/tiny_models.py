@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
