@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -73,10 +74,12 @@ class TextEncoder:
             from .errors import BundleInvalidError
 
             raise BundleInvalidError(f"the bundle's tokenizer.json cannot be loaded ({err}); re-export the bundle") from err
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(spec.max_length)
+        # Read the tokenizer's own pad id before turning its padding off (we pad per batch).
         pad = self.tokenizer.padding
         self.pad_id = pad["pad_id"] if pad else (self.tokenizer.token_to_id("[PAD]") or 0)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(spec.max_length)
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         encodings = self.tokenizer.encode_batch(texts)
@@ -135,7 +138,7 @@ def normalize_records(user_data: Any) -> list[tuple[Any, Any]]:
     for i, item in enumerate(user_data):
         if isinstance(item, Mapping):
             if "text" not in item or "label" not in item:
-                raise InvalidUserDataError(f"example {i}: a dict needs 'text' and 'label' keys, got {sorted(item)[:5]}")
+                raise InvalidUserDataError(f"example {i}: a dict needs 'text' and 'label' keys, got {sorted(map(str, item))[:5]}")
             records.append((item["text"], item["label"]))
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             records.append((item[0], item[1]))
@@ -145,32 +148,49 @@ def normalize_records(user_data: Any) -> list[tuple[Any, Any]]:
 
 
 def _read_file(path: Path) -> list[tuple[Any, Any]]:
-    if not path.is_file():
-        raise InvalidUserDataError(f"{path} does not exist: pass a .jsonl or .csv file with text and label")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, ...
+        found = False
+    if not found:
+        raise InvalidUserDataError(f"{str(path)[:200]!r} is not a file: pass a .jsonl or .csv file with text and label")
     try:
         raw = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidUserDataError(f"{path} is not UTF-8 (byte {err.start}); re-save it as UTF-8") from err
+    except OSError as err:
+        raise InvalidUserDataError(f"cannot read {path} ({err.strerror or err}); check its permissions") from err
     if path.suffix.lower() == ".jsonl":
         rows = []
-        for number, line in enumerate(raw.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085, ..., which
+        # JSON allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them).
+        for number, line in enumerate(raw.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise InvalidUserDataError(f"{path}:{number} is not valid JSON ({err.msg})") from err
+            except (ValueError, RecursionError) as err:
+                raise InvalidUserDataError(f"{path}:{number} is not valid JSON ({err})") from err
         return normalize_records(rows)
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(raw.splitlines())
+        # A file-like reader, not splitlines(): quoted fields may hold newlines (and U+2028...).
+        reader = csv.DictReader(io.StringIO(raw, newline=""))
         if not reader.fieldnames or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
             raise InvalidUserDataError(f"{path} needs a header row with 'text' and 'label' columns, has {reader.fieldnames}")
-        return [(row["text"], _csv_label(row["label"])) for row in reader]
+        try:
+            return [(row["text"], _csv_label(row["label"])) for row in reader]
+        except csv.Error as err:
+            raise InvalidUserDataError(f"{path} is not a readable CSV file ({err}); re-save it as plain UTF-8 CSV") from err
     raise InvalidUserDataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
 
 
-def _csv_label(value: str) -> Any:
-    return int(value) if value.strip().lstrip("-").isdigit() else value
+def _csv_label(value: str | None) -> Any:
+    if value is None:  # a short row; encode_labels reports it
+        return None
+    try:
+        return int(value) if value.strip().lstrip("-").isdigit() else value
+    except ValueError:  # "²" is a digit int() does not read
+        return value
 
 
 def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
@@ -194,14 +214,16 @@ def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
             if unknown:
                 raise InvalidUserDataError(f"unknown label(s) {unknown[:5]}: this bundle knows {names}")
             return np.array([lookup[x] for x in raw], np.int64)
+        if any(not -2**63 <= int(x) < 2**63 for x in raw):
+            raise InvalidUserDataError(f"label index out of range: indices must be in 0..{(count or 2**63) - 1}")
         values = np.array(raw, np.int64)
-        if count is not None and (values.min() < 0 or values.max() >= count):
+        if count is not None and values.size and (values.min() < 0 or values.max() >= count):
             raise InvalidUserDataError(f"label index out of range: indices must be in 0..{count - 1}")
         return values
     if manifest.loss == "mse":
         try:
             values = np.array(raw, np.float32)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise InvalidUserDataError(f"regression labels must be numbers ({err})") from err
         if not np.all(np.isfinite(values)):
             raise InvalidUserDataError("regression labels contain NaN or inf; drop or fix those examples")
@@ -215,7 +237,7 @@ def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
                 out[i] = np.array(items, np.float32)
                 continue
             for name in items:
-                if name not in lookup:
+                if not isinstance(name, str) or name not in lookup:
                     raise InvalidUserDataError(f"example {i}: unknown label {name!r}: this bundle knows {names}")
                 out[i, lookup[name]] = 1.0
         return out
@@ -228,7 +250,7 @@ def load_examples(
     """Validate and encode all of ``user_data`` up front: an invalid call trains nothing."""
     manifest = bundle.manifest
     if encoder is None or _looks_like_arrays(user_data):
-        return _array_examples(user_data, manifest, max_examples)
+        return _array_examples(user_data, manifest, max_examples, vocab_size=encoder.vocab_size if encoder else None)
     records = normalize_records(user_data)
     if not records:
         raise InvalidUserDataError("user_data is empty: pass at least one labelled example")
@@ -258,7 +280,7 @@ def _looks_like_arrays(user_data: Any) -> bool:
     )
 
 
-def _array_examples(user_data: Any, manifest: Manifest, max_examples: int) -> Examples:
+def _array_examples(user_data: Any, manifest: Manifest, max_examples: int, vocab_size: int | None = None) -> Examples:
     if isinstance(user_data, tuple):
         features, labels = dict(user_data[0]), user_data[1]
     elif isinstance(user_data, Mapping):
@@ -268,32 +290,59 @@ def _array_examples(user_data: Any, manifest: Manifest, max_examples: int) -> Ex
         raise InvalidUserDataError("this bundle takes numeric inputs: pass {'<input name>': array, ..., 'labels': array}")
     if labels is None:
         raise InvalidUserDataError("numeric user_data needs a 'labels' array (or a (features, labels) tuple)")
-    arrays = check_feature_arrays(features, manifest)
+    arrays = check_feature_arrays(features, manifest, vocab_size=vocab_size)
     count = next(iter(arrays.values())).shape[0]
     if count == 0:
         raise InvalidUserDataError("user_data is empty: pass at least one labelled example")
     if count > max_examples:
         raise BudgetExceededError(f"{count} examples exceed max_examples={max_examples}; pass a sample, or raise max_examples")
+    if isinstance(labels, (str, bytes, bytearray, Mapping)) or not (
+        isinstance(labels, Sequence) or (isinstance(labels, np.ndarray) and labels.ndim >= 1)
+    ):
+        raise InvalidUserDataError(f"labels must be a list or array with one label per example, got {type(labels).__name__}")
+    if len(labels) != count:
+        raise InvalidUserDataError(f"{len(labels)} labels for {count} examples; give one label per example")
     raw = list(labels) if not isinstance(labels, np.ndarray) or manifest.loss == "cross-entropy" else labels
     if manifest.loss == "token-cross-entropy":
-        encoded = np.asarray(labels)
+        try:
+            encoded = np.asarray(labels)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise InvalidUserDataError(f"token labels are not a rectangular integer array ({err})") from err
         if encoded.dtype.kind not in "iu" or encoded.shape[:2] != next(iter(arrays.values())).shape[:2]:
             raise InvalidUserDataError("token labels must be integers shaped like the input ids [examples, sequence]")
         encoded = encoded.astype(np.int64)
     else:
-        if isinstance(raw, np.ndarray) and raw.dtype.kind in "iu":
+        if isinstance(raw, np.ndarray) and raw.dtype.kind in "iu" and raw.ndim == 1:
             raw = [int(x) for x in raw]
         encoded = encode_labels(list(raw) if not isinstance(raw, np.ndarray) else raw.tolist(), manifest)
     if encoded.shape[0] != count:
         raise InvalidUserDataError(f"{encoded.shape[0]} labels for {count} examples; give one label per example")
-    return Examples(labels=encoded, features=arrays)
+    # Exact repeats (features and label) are dropped, as for text: a repeat would also leak into the holdout.
+    seen: set[tuple[bytes, ...]] = set()
+    keep = []
+    for i in range(count):
+        key = tuple(a[i].tobytes() for a in (*arrays.values(), encoded))
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) == count:
+        return Examples(labels=encoded, features=arrays)
+    examples = Examples(labels=encoded, features=arrays).subset(keep)
+    examples.duplicates_removed = count - len(keep)
+    return examples
 
 
-def check_feature_arrays(features: Mapping[str, Any], manifest: Manifest) -> dict[str, np.ndarray]:
-    """Numeric inputs checked against the manifest: names, dtypes, fixed dims, finite values."""
+def check_feature_arrays(
+    features: Mapping[str, Any], manifest: Manifest, *, vocab_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """Numeric inputs checked against the manifest: names, dtypes, fixed dims, finite values.
+
+    ``vocab_size`` (text bundles given token arrays): token ids must lie in ``0..vocab_size-1``
+    and the other integer inputs must not be negative.
+    """
     expected = {spec.name: spec for spec in manifest.inputs}
     missing = sorted(set(expected) - set(features))
-    extra = sorted(set(features) - set(expected))
+    extra = sorted(set(features) - set(expected), key=repr)
     if missing or extra:
         raise InvalidUserDataError(f"inputs must be exactly {sorted(expected)}; missing {missing}, unexpected {extra}")
     out: dict[str, np.ndarray] = {}
@@ -301,7 +350,7 @@ def check_feature_arrays(features: Mapping[str, Any], manifest: Manifest) -> dic
     for name, spec in expected.items():
         try:
             arr = np.asarray(features[name])
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise InvalidUserDataError(f"input {name!r} is not an array ({err})") from err
         want = np.dtype(spec.dtype)
         if arr.dtype.kind not in "fiub" or (want.kind == "f") != (arr.dtype.kind == "f") and not (want.kind == "f" and arr.dtype.kind in "iu"):
@@ -311,12 +360,26 @@ def check_feature_arrays(features: Mapping[str, Any], manifest: Manifest) -> dic
         for axis, (have, dim) in enumerate(zip(arr.shape, spec.shape)):
             if isinstance(dim, int) and dim > 0 and have != dim:
                 raise InvalidUserDataError(f"input {name!r} has size {have} on axis {axis}, the model takes {dim} (shape {spec.shape})")
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise InvalidUserDataError(f"input {name!r} contains NaN or inf; drop or fix those examples")
+        if arr.dtype.kind in "iu" and want.kind in "iu" and arr.size and (
+            int(arr.min()) < np.iinfo(want).min or int(arr.max()) > np.iinfo(want).max
+        ):
+            raise InvalidUserDataError(f"input {name!r} has values outside the range of {want}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = arr.astype(want, copy=False)
+        # After the cast: 1e300 is a finite float64 but an infinite float32.
+        if converted.dtype.kind == "f" and not np.all(np.isfinite(converted)):
+            raise InvalidUserDataError(f"input {name!r} contains NaN or inf (or values too large for {want}); drop or fix those examples")
+        if vocab_size is not None and converted.dtype.kind in "iu" and converted.size:
+            high = vocab_size if manifest.text is not None and name == manifest.text.input_ids else None
+            if int(converted.min()) < 0 or (high is not None and int(converted.max()) >= high):
+                raise InvalidUserDataError(
+                    f"input {name!r} holds values outside {'0..' + str(high - 1) if high else '0 and up'}: "
+                    f"token arrays must come from this bundle's tokenizer (vocabulary of {vocab_size})"
+                )
         if count is not None and arr.shape[0] != count:
             raise InvalidUserDataError(f"inputs disagree on the number of examples ({count} vs {arr.shape[0]} for {name!r})")
         count = arr.shape[0]
-        out[name] = arr.astype(want, copy=False)
+        out[name] = converted
     return out
 
 

@@ -24,7 +24,10 @@ import numpy as np
 from .bundle import Bundle
 from .data import DEFAULT_MAX_EXAMPLES, Examples, TextEncoder, batches, load_examples, split_holdout
 from .delta import Delta, Encoding, check_delta_fits
-from .errors import BitfitError, DeltaNotFoundError, InvalidUserDataError, TrainingDivergedError
+from .errors import (
+    BitfitError, BundleInvalidError, DeltaCorruptError, DeltaMismatchError, DeltaNotFoundError, InvalidArgumentError,
+    InvalidUserDataError, TrainingDivergedError,
+)
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
 from .trainer import Device, TrainingSession
@@ -100,6 +103,12 @@ class Personalizer:
         verify: Literal["hashes", "sizes", "none"] = "hashes",
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
+        if isinstance(store, DeltaStore) and key is not None and not store.uses_key(key):
+            # Ignoring it would write plain deltas while the app believes they are encrypted.
+            raise InvalidArgumentError(
+                "key= was given together with a DeltaStore that does not use that key: create the DeltaStore "
+                "with key=..., or pass the store as a path"
+            )
         self.store = store if isinstance(store, DeltaStore) else DeltaStore(store, key=key)
         self.device = device
         self.threads = threads
@@ -132,6 +141,17 @@ class Personalizer:
         check_delta_fits(delta, base_fingerprint=self.bundle.manifest.base_fingerprint,
                          shapes=self.bundle.manifest.trainable_shapes)
         return delta
+
+    def _start_delta(self, user: str) -> Delta | None:
+        """The delta to continue from; an unusable one is refused with the way out (reset)."""
+        try:
+            return self.current_delta(user)
+        except (DeltaCorruptError, DeltaMismatchError) as err:
+            # Personalizing again without reset would hit the same delta: say how to start over.
+            raise type(err)(
+                f"{err}. {user!r}'s current delta cannot be continued: pass reset=True (bitfit personalize "
+                "--reset) to train from the base model; nothing was saved"
+            ) from err
 
     def personalize(
         self,
@@ -172,18 +192,24 @@ class Personalizer:
         rng = np.random.default_rng(seed)
         train_index, holdout_index = split_holdout(len(examples), holdout, rng)
         train, held = examples.subset(train_index), examples.subset(holdout_index)
-        start = None if reset else self.current_delta(user)
+        start = None if reset else self._start_delta(user)
         start_values = start.apply_to(self.base_trainable) if start is not None else None
         session = TrainingSession(self.bundle, start=start_values, device=self.device, threads=self.threads,
                                   learning_rate=learning_rate)
+        expected_inputs = {i.name for i in manifest.inputs} | {manifest.label_input}
+        if set(session.input_names) != expected_inputs:  # a damaged manifest would fail inside ORT
+            raise BundleInvalidError(
+                f"manifest.json names training inputs {sorted(expected_inputs)}, the training model takes "
+                f"{sorted(session.input_names)}: the bundle was altered; copy or re-export it"
+            )
         steps_per_epoch = -(-len(train) // batch_size)
         total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
         ignore = manifest.ignore_index
-        loss_before, acc_before = self._evaluate(session, held)
-        best = (loss_before, session.trainable_values()) if loss_before is not None else None
         bar = _progress_bar(total, user, progress_bar)
         step, stop, stale, epoch = 0, "epochs", 0, 0
         try:
+            loss_before, acc_before = self._evaluate(session, held)
+            best = (loss_before, session.trainable_values()) if loss_before is not None else None
             for epoch in range(1, epochs + 1):
                 for feeds, labels in batches(train, self._encoder, batch_size, rng, ignore_index=ignore):
                     loss = session.train_step(feeds, labels)
@@ -216,6 +242,15 @@ class Personalizer:
                 if patience is not None and best is not None and stale >= patience:
                     stop = "early_stopping"
                     break
+        except RuntimeError as err:  # what onnxruntime's training API raises
+            if examples.features is None:  # text we tokenized ourselves: not the caller's data at fault
+                raise
+            # Arrays passed in directly can hold values the graph refuses (a token type id its
+            # embedding lacks): the caller's data, reported as such. Nothing was saved.
+            raise InvalidUserDataError(
+                f"onnxruntime refused the input arrays (...{str(err).strip()[-300:]}); check that every "
+                "value is one the model accepts (e.g. ids within its embeddings). Nothing was saved."
+            ) from err
         finally:
             if bar is not None:
                 bar.close()

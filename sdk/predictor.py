@@ -27,7 +27,7 @@ import numpy as np
 from .bundle import Bundle
 from .data import TextEncoder, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
-from .errors import BitfitError, DeltaNotFoundError, InvalidUserDataError, ProviderUnavailableError
+from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
 from .ort_training import ort
 from .store import DeltaStore
 
@@ -120,6 +120,11 @@ class Predictor:
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.manifest = self.bundle.manifest
+        if isinstance(store, DeltaStore) and key is not None and not store.uses_key(key):
+            raise InvalidArgumentError(
+                "key= was given together with a DeltaStore that does not use that key: create the DeltaStore "
+                "with key=..., or pass the store as a path"
+            )
         self.store = store if isinstance(store, DeltaStore) or store is None else DeltaStore(store, key=key)
         if graph_optimization not in _LEVELS:
             raise BitfitError(f"unknown graph_optimization {graph_optimization!r}: use one of {sorted(_LEVELS)}")
@@ -138,12 +143,23 @@ class Predictor:
             from .errors import BundleInvalidError
 
             raise BundleInvalidError(f"the inference model does not expose {missing[:3]} as overridable inputs; re-export the bundle")
+        # The manifest names the feeds and the output to fetch; a damaged one would fail inside ORT.
+        graph_inputs = {i.name for i in self.session.get_inputs()} - overridable
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        if {i.name for i in self.manifest.inputs} != graph_inputs or self.manifest.logits_output not in graph_outputs:
+            from .errors import BundleInvalidError
+
+            raise BundleInvalidError(
+                f"manifest.json names inputs {[i.name for i in self.manifest.inputs]} and output "
+                f"{self.manifest.logits_output!r}, the inference model has {sorted(graph_inputs)} and {sorted(graph_outputs)}: "
+                "the bundle was altered; copy or re-export it"
+            )
         self.input_names = [i.name for i in self.session.get_inputs() if i.name not in overridable]
         self.encoder = TextEncoder(self.bundle) if self.manifest.text else None
         self.base = {t.name: v.reshape(t.inference_shape) for t, v in zip(self.manifest.trainable, self.bundle.trainable_base().values())}
         self.on_bad_delta = on_bad_delta
         self.batch_size = batch_size
-        self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray]]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray], str | None]] = OrderedDict()
         self._cache_size = cache_size
         self._head_paths: dict[str, str] = {}
         self.last_fallbacks: dict[str, str] = {}
@@ -174,31 +190,33 @@ class Predictor:
             return {}
         signature = self._store_signature(user)
         cached = self._cache.get(user)
-        if cached is not None and cached[0] == signature:
-            self._cache.move_to_end(user)
-            return cached[1]
-        tensors = self._load_user(user)
-        self._cache[user] = (signature, tensors)
+        if cached is None or cached[0] != signature:
+            cached = (signature, *self._load_user(user))
+            self._cache[user] = cached
         self._cache.move_to_end(user)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return tensors
+        if cached[2] is not None:
+            # Reported on every call, not only the one that loaded it: a cached fallback
+            # is still a user served the base model.
+            self.last_fallbacks[user] = cached[2]
+        return cached[1]
 
-    def _load_user(self, user: str) -> dict[str, np.ndarray]:
+    def _load_user(self, user: str) -> tuple[dict[str, np.ndarray], str | None]:
+        """The user's tensors, and why the base model is served instead (None if it is not)."""
         if self.store is None:
             raise BitfitError("this predictor has no delta store: create it with store=... to serve users")
         try:
             delta = self.store.load(user)
             check_delta_fits(delta, base_fingerprint=self.manifest.base_fingerprint, shapes=self.manifest.trainable_shapes)
         except DeltaNotFoundError:
-            return {}  # a user who has not personalized yet gets the base model
+            return {}, None  # a user who has not personalized yet gets the base model
         except BitfitError as err:
             if self.on_bad_delta == "raise":
                 raise
             log.warning("user %r: delta unusable (%s); serving the base model", user, err)
-            self.last_fallbacks[user] = f"{type(err).__name__}: {err}"
-            return {}
-        return self.tensors_for_delta(delta)
+            return {}, f"{type(err).__name__}: {err}"
+        return self.tensors_for_delta(delta), None
 
     def tensors_for_delta(self, delta: Delta) -> dict[str, np.ndarray]:
         """base + delta for each trainable tensor, in the inference model's shapes."""
@@ -224,7 +242,7 @@ class Predictor:
             return self.encoder.feeds_for_texts(texts), len(texts)
         if not isinstance(inputs, Mapping):
             raise InvalidUserDataError(f"this bundle takes numeric inputs: pass a dict of arrays named {self.input_names}")
-        arrays = check_feature_arrays(inputs, self.manifest)
+        arrays = check_feature_arrays(inputs, self.manifest, vocab_size=self.encoder.vocab_size if self.encoder else None)
         rows = next(iter(arrays.values())).shape[0]
         if rows == 0:
             raise InvalidUserDataError("predict needs at least one input row")
