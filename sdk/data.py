@@ -2,7 +2,8 @@
 bundle's ``tokenizer.json`` and the ``tokenizers`` library only (no transformers).
 
 Accepted ``user_data``:
-- a list of ``(text, label)`` pairs, or of dicts with ``text`` and ``label`` keys;
+- a list of ``(text, label)`` pairs, or of dicts with ``text`` and ``label`` keys, or one
+  dict of columns ``{"text": [...], "label": [...]}``;
 - a path to a ``.jsonl`` file (one such dict per line) or a ``.csv`` file with a header
   that has ``text`` and ``label`` columns;
 - for bundles without a tokenizer: a dict of numpy arrays named like the model inputs
@@ -130,6 +131,12 @@ def normalize_records(user_data: Any) -> list[tuple[Any, Any]]:
     """``(text, label)`` pairs from a list of pairs/dicts or a .jsonl/.csv path."""
     if isinstance(user_data, (str, os.PathLike)):
         return _read_file(Path(user_data))
+    if _is_text_columns(user_data):
+        texts, labels = user_data["text"], user_data.get("label", user_data.get("labels"))
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence) or not isinstance(labels, Sequence) \
+                or isinstance(labels, (str, bytes)) or len(texts) != len(labels):
+            raise InvalidUserDataError("column data needs equally long 'text' and 'label' lists")
+        return list(zip(texts, labels))
     if isinstance(user_data, Mapping) or not isinstance(user_data, Sequence) or isinstance(user_data, (bytes, str)):
         raise InvalidUserDataError(
             f"user_data must be a list of (text, label) pairs or dicts, or a .jsonl/.csv path; got {type(user_data).__name__}"
@@ -274,7 +281,14 @@ def load_examples(
     return Examples(labels=labels, token_ids=ids, type_ids=types, duplicates_removed=removed)
 
 
+def _is_text_columns(user_data: Any) -> bool:
+    """``{"text": [...], "label": [...]}``: the column form of text examples."""
+    return isinstance(user_data, Mapping) and "text" in user_data and ("label" in user_data or "labels" in user_data)
+
+
 def _looks_like_arrays(user_data: Any) -> bool:
+    if _is_text_columns(user_data):
+        return False
     return isinstance(user_data, Mapping) or (
         isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], Mapping)
     )

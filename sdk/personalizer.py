@@ -70,6 +70,9 @@ class PersonalizeResult:
     accuracy_after: float | None
     stopped_by: StopReason
     started_from: Literal["base", "previous-delta"]
+    kept_epoch: int = -1
+    """The epoch whose biases were saved: the best on the holdout; 0 means no epoch beat the
+    starting point, so the starting biases were kept (the new version equals the previous one)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,6 +213,7 @@ class Personalizer:
         try:
             loss_before, acc_before = self._evaluate(session, held)
             best = (loss_before, session.trainable_values()) if loss_before is not None else None
+            kept_epoch = 0 if best is not None else -1
             for epoch in range(1, epochs + 1):
                 for feeds, labels in batches(train, self._encoder, batch_size, rng, ignore_index=ignore):
                     loss = session.train_step(feeds, labels)
@@ -234,7 +238,7 @@ class Personalizer:
                 if best is not None:
                     held_loss, _ = self._evaluate(session, held)
                     if held_loss is not None and held_loss < best[0]:
-                        best, stale = (held_loss, session.trainable_values()), 0
+                        best, stale, kept_epoch = (held_loss, session.trainable_values()), 0, epoch
                     else:
                         stale += 1
                 if stop != "epochs":
@@ -256,6 +260,11 @@ class Personalizer:
                 bar.close()
         if best is not None:
             session.set_trainable_values(best[1])  # keep the epoch with the best holdout loss
+            if kept_epoch == 0:
+                log.warning("user %r: no epoch improved the holdout loss (%d holdout examples); the starting "
+                            "biases are kept. Give more examples or a larger holdout.", user, len(held))
+        else:
+            kept_epoch = epoch
         trained = session.trainable_values()
         if not all(np.all(np.isfinite(v)) for v in trained.values()):
             raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
@@ -266,7 +275,7 @@ class Personalizer:
             "seconds": round(seconds, 3), "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
             "stopped_by": stop, "metrics": {"loss_before": loss_before, "loss_after": loss_after,
                                             "accuracy_before": acc_before, "accuracy_after": acc_after},
-            "started_from": "previous-delta" if start is not None else "base",
+            "started_from": "previous-delta" if start is not None else "base", "kept_epoch": kept_epoch,
         }
         delta = Delta.from_params(trained, self.base_trainable, manifest.base_fingerprint, encoding=encoding, info=info)
         version = self.store.save(user, delta)
@@ -278,6 +287,7 @@ class Personalizer:
             duplicates_removed=examples.duplicates_removed, loss_before=loss_before, loss_after=loss_after,
             accuracy_before=acc_before, accuracy_after=acc_after, stopped_by=stop,  # type: ignore[arg-type]
             started_from=info["started_from"],  # type: ignore[arg-type]
+            kept_epoch=kept_epoch,
         )
 
     def _evaluate(self, session: TrainingSession, held: Examples) -> tuple[float | None, float | None]:

@@ -132,6 +132,28 @@ def test_early_stopping_keeps_the_best_epoch(p):
     assert r.loss_after <= r.loss_before + 1e-6  # the kept biases are never worse than the start
 
 
+def test_kept_epoch_reports_which_biases_were_saved(p):
+    good = p.personalize(text_data(40), user="alice", epochs=3, batch_size=8, holdout=0.25, progress_bar=False)
+    assert 1 <= good.kept_epoch <= good.epochs_run  # some epoch beat the start on the holdout
+    # Continuing from alice's trained biases on the same data, a huge step makes every epoch worse
+    # than the start: the start is kept, and the result says so.
+    worse = p.personalize(text_data(40), user="alice", epochs=2, learning_rate=3.0, batch_size=8, holdout=0.25,
+                          patience=None, progress_bar=False)
+    assert worse.kept_epoch == 0 and worse.loss_after == pytest.approx(worse.loss_before, rel=1e-5)
+    no_holdout = p.personalize(text_data(12), user="carol", epochs=2, holdout=0.0, progress_bar=False)
+    assert no_holdout.kept_epoch == no_holdout.epochs_run  # without a holdout the last epoch is kept
+
+
+def test_column_shaped_text_data(p):
+    pairs = text_data(24)
+    columns = {"text": [t for t, _ in pairs], "label": [y for _, y in pairs]}
+    a = p.personalize(columns, user="cols", epochs=1, holdout=0.0, seed=3, progress_bar=False)
+    b = p.personalize(pairs, user="pairs", epochs=1, holdout=0.0, seed=3, progress_bar=False)
+    assert same_tensors(stored(p, "cols", a.version), stored(p, "pairs", b.version))
+    with pytest.raises(InvalidUserDataError, match="equally long"):
+        p.personalize({"text": ["a", "b"], "label": ["neg"]}, user="cols")
+
+
 def test_progress_callback_and_bar(p, capsys):
     seen: list[Progress] = []
     r = p.personalize(text_data(24), user="alice", progress=seen.append, epochs=2, batch_size=4, holdout=0.0,
