@@ -155,6 +155,9 @@ def export_bundle(
                                                      ignore_index=ignore_index if loss == "token-cross-entropy" else None,
                                                      ort_format=True))
             files["mobile_inference_model"] = _inference_to_ort(work)
+            # A reduced-operator mobile build must include the inference model's operators too.
+            if (work / "mobile" / "inference.required_operators.config").is_file():
+                files["mobile_inference_model_required_operators"] = "mobile/inference.required_operators.config"
         inference = onnx.load(str(work / INFERENCE_FILE), load_external_data=False)
         total = int(sum(v.size for v in base.values()))
         trainable_values = int(sum(base[n].size for n in trainable))
@@ -228,8 +231,6 @@ def _inference_to_ort(work: Path) -> str:
     onnx.save(model, str(mobile / INFERENCE_FILE))
     convert_onnx_models_to_ort(mobile / INFERENCE_FILE, output_dir=mobile, optimization_styles=[OptimizationStyle.Fixed])
     (mobile / INFERENCE_FILE).unlink()
-    for extra in mobile.glob("inference.required_operators*.config"):
-        extra.unlink()
     return "mobile/inference.ort"
 
 

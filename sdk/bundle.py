@@ -117,14 +117,17 @@ class Manifest:
         return {t.name: tuple(t.shape) for t in self.trainable}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        """The manifest as JSON, with its ``checksum`` over every other field."""
+        fields = asdict(self)
+        fields["checksum"] = manifest_checksum(fields)
+        return json.dumps(fields, indent=2, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
         """Parse and check a manifest; any problem is a BundleInvalidError."""
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        except (ValueError, TypeError, RecursionError) as err:  # ValueError covers JSON and UTF-8 errors
             raise BundleInvalidError(f"manifest.json is not valid JSON ({err}); re-export the bundle") from err
         if not isinstance(raw, dict):
             raise BundleInvalidError("manifest.json must hold a JSON object; re-export the bundle")
@@ -135,6 +138,12 @@ class Manifest:
             raise BundleInvalidError(
                 f"bundle format_version {version!r} is not supported by this bitfit "
                 f"(reads version {BUNDLE_FORMAT_VERSION}); re-export with a matching bitfit"
+            )
+        stored = raw.pop("checksum", None)
+        if stored != manifest_checksum(raw):
+            raise BundleInvalidError(
+                "manifest.json is damaged or was edited (its checksum does not match its content"
+                + ("; it has none" if stored is None else "") + "); copy the bundle again or re-export it"
             )
         try:
             manifest = cls(
@@ -153,15 +162,18 @@ class Manifest:
         return manifest
 
     def _check(self) -> None:
+        self._check_types()  # first: the checks below assume the types
         checks: list[tuple[bool, str]] = [
             (self.task in get_args(Task), f"unknown task {self.task!r}"),
             (self.loss in get_args(LossName), f"unknown loss {self.loss!r}"),
             (self.optimizer in get_args(OptimizerName), f"unknown optimizer {self.optimizer!r}"),
             (bool(self.trainable), "no trainable tensors"),
             (bool(self.outputs), "no outputs"),
+            (bool(self.inputs), "no inputs"),
             (isinstance(self.base_fingerprint, str) and self.base_fingerprint.startswith("sha256:"), "bad base_fingerprint"),
             (all(k in self.files for k in REQUIRED_FILES), f"files must list {', '.join(REQUIRED_FILES)}"),
             (self.labels is None or all(isinstance(x, str) for x in self.labels), "labels must be strings"),
+            (self.labels is None or len(set(self.labels)) == len(self.labels), "duplicate label names"),
             (len({t.name for t in self.trainable}) == len(self.trainable), "duplicate trainable tensor names"),
         ]
         for t in self.trainable:
@@ -169,6 +181,82 @@ class Manifest:
         for ok, problem in checks:
             if not ok:
                 raise BundleInvalidError(f"manifest.json: {problem}; re-export the bundle")
+
+    def _check_types(self) -> None:
+        """Every field has the type its readers rely on; a damaged or hand-edited manifest may not."""
+        problems = [f"{name} is {getattr(self, name)!r:.60}" for name, ok in _FIELD_TYPES.items() if not ok(getattr(self, name))]
+        for group in ("inputs", "outputs"):
+            for spec in getattr(self, group) if isinstance(getattr(self, group), list) else []:
+                if not (_is_name(spec.name) and _is_dtype(spec.dtype) and isinstance(spec.shape, list)
+                        and all(_is_int(d) or _is_name(d) for d in spec.shape)):
+                    problems.append(f"{group} entry {spec.name!r:.60} is malformed")
+        for t in self.trainable if isinstance(self.trainable, list) else []:
+            if not (_is_name(t.name) and _is_shape(t.shape) and _is_shape(t.inference_shape) and t.dtype == "float32"
+                    and t.role in get_args(TensorRole) and np.prod(t.shape) == np.prod(t.inference_shape)):
+                problems.append(f"trainable tensor {t.name!r:.60} is malformed (name, float32, shapes, role)")
+        for key, entry in self.files.items() if isinstance(self.files, dict) else []:
+            if not (isinstance(entry.path, str) and isinstance(entry.sha256, str) and _is_int(entry.bytes)):
+                problems.append(f"files entry {key!r:.60} is malformed")
+        text = self.text
+        if text is not None and not (_is_name(text.tokenizer) and _is_int(text.max_length, 1) and _is_name(text.input_ids)
+                                     and all(x is None or _is_name(x) for x in (text.attention_mask, text.token_type_ids))):
+            problems.append("text is malformed")
+        order = self.source.get("parameter_order", []) if isinstance(self.source, dict) else []
+        if not (isinstance(order, list) and all(_is_name(x) for x in order)):
+            problems.append("source.parameter_order is not a list of names")
+        if problems:
+            raise BundleInvalidError(f"manifest.json: {'; '.join(problems[:5])}; re-export the bundle")
+
+
+def _is_int(x: Any, low: int = 0) -> bool:
+    return type(x) is int and x >= low
+
+
+def _is_name(x: Any) -> bool:
+    return isinstance(x, str) and bool(x) and "\0" not in x
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, list) and all(_is_int(d, 1) for d in x)
+
+
+def _is_dtype(x: Any) -> bool:
+    try:
+        return isinstance(x, str) and np.dtype(x).kind in "biuf"
+    except (TypeError, ValueError):
+        return False
+
+
+_FIELD_TYPES = {
+    "base_fingerprint": lambda x: isinstance(x, str), "task": lambda x: isinstance(x, str),
+    "loss": lambda x: isinstance(x, str), "optimizer": lambda x: isinstance(x, str),
+    "inputs": lambda x: isinstance(x, list), "outputs": lambda x: isinstance(x, list),
+    "trainable": lambda x: isinstance(x, list), "files": lambda x: isinstance(x, dict),
+    "policy": lambda x: isinstance(x, dict), "source": lambda x: isinstance(x, dict),
+    "validation": lambda x: isinstance(x, dict), "per_row": lambda x: type(x) is bool,
+    "labels": lambda x: x is None or (isinstance(x, list) and all(isinstance(n, str) for n in x)),
+    "ignore_index": lambda x: x is None or type(x) is int, "label_input": _is_name,
+    "opset": _is_int, "ort_version": lambda x: isinstance(x, str), "created": lambda x: isinstance(x, str),
+}
+
+
+def manifest_checksum(fields: dict[str, Any]) -> str:
+    """``sha256:`` over the manifest's fields except ``checksum``, as canonical JSON.
+
+    Canonical JSON: keys sorted, separators ``,`` and ``:``, ASCII escapes. It catches a
+    damaged manifest whose JSON is still valid (a flipped letter in a label name); it is
+    not a signature: whoever can rewrite the manifest can rewrite the checksum too.
+
+    Example:
+        >>> manifest_checksum({"b": 1, "a": [1.5, "x"]})[:15]
+        'sha256:27edd549'
+    """
+    body = {k: v for k, v in fields.items() if k != "checksum"}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise BundleInvalidError(f"manifest.json holds values JSON cannot represent ({err}); re-export the bundle") from err
+    return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -207,12 +295,35 @@ def fingerprint_tensors(tensors: dict[str, np.ndarray]) -> str:
 
 
 def _inside(root: Path, relative: str) -> Path:
-    if not relative or os.path.isabs(relative) or "\\" in relative or any(p in ("..", "") for p in relative.split("/")):
+    if (not isinstance(relative, str) or not relative or "\0" in relative or os.path.isabs(relative) or "\\" in relative
+            or any(p in ("..", "") for p in relative.split("/"))):
         raise BundleInvalidError(f"bundle file path {relative!r} must be a plain relative path inside the bundle")
     path = (root / relative).resolve()
     if root.resolve() not in path.parents:
         raise BundleInvalidError(f"bundle file {relative!r} resolves outside the bundle directory; refusing it")
     return path
+
+
+def _check_external_data(root: Path, relative: str, listed: set[str]) -> None:
+    """Refuse an ONNX file whose external data is anything but one of the bundle's own files.
+
+    ONNX Runtime opens a tensor's external-data ``location`` relative to the model's folder,
+    so ``../x``, an absolute path or ORT's in-memory tag would read outside the bundle.
+    """
+    from .onnx_refs import external_data_refs
+
+    folder = relative.rpartition("/")[0]
+    for ref in external_data_refs(_inside(root, relative).read_bytes()):
+        location = ref.location
+        plain = (isinstance(location, str) and location and "\0" not in location and ":" not in location
+                 and "\\" not in location and not os.path.isabs(location)
+                 and not any(p in ("..", ".", "") for p in location.split("/")))
+        target = f"{folder}/{location}" if folder else location
+        if not plain or target not in listed:
+            raise BundleInvalidError(
+                f"bundle file {relative!r}: tensor {ref.tensor!r:.80} reads external data from {location!r:.120}, "
+                "which is not a file listed in the manifest; refusing the bundle (it was altered): re-export it"
+            )
 
 
 class Bundle:
@@ -254,6 +365,8 @@ class Bundle:
                 raise BundleInvalidError(f"bundle file {entry.path!r} has {file_path.stat().st_size} bytes, manifest says {entry.bytes}: the bundle is incomplete or altered; copy it again")
             if verify == "hashes" and sha256_file(file_path) != entry.sha256:
                 raise BundleInvalidError(f"bundle file {entry.path!r} does not match its sha256 in the manifest: the bundle was altered or damaged; copy it again")
+            if entry.path.endswith(".onnx"):
+                _check_external_data(root, entry.path, {e.path for e in manifest.files.values()})
         return bundle
 
     def file(self, key: str) -> Path:

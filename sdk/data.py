@@ -117,7 +117,7 @@ def check_text(value: Any, where: str) -> str:
         except UnicodeDecodeError as err:
             raise InvalidUserDataError(f"{where}: text is not valid UTF-8 ({err.reason} at byte {err.start}); decode it to str first") from err
     if value is None or not isinstance(value, str):
-        raise InvalidUserDataError(f"{where}: text must be a non-empty string, got {type(value).__name__}")
+        raise InvalidUserDataError(f"{where}: text must be a non-empty string, got {type(value).__name__}; pass str (or UTF-8 bytes)")
     if not value.strip():
         raise InvalidUserDataError(f"{where}: text is empty; drop the example or give it text")
     try:
@@ -219,7 +219,7 @@ def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
             lookup = {n: i for i, n in enumerate(names)}
             unknown = sorted({x for x in raw if x not in lookup})
             if unknown:
-                raise InvalidUserDataError(f"unknown label(s) {unknown[:5]}: this bundle knows {names}")
+                raise InvalidUserDataError(f"unknown label(s) {unknown[:5]}: this bundle knows {names}; use those names (or their indices)")
             return np.array([lookup[x] for x in raw], np.int64)
         if any(not -2**63 <= int(x) < 2**63 for x in raw):
             raise InvalidUserDataError(f"label index out of range: indices must be in 0..{(count or 2**63) - 1}")
@@ -245,7 +245,7 @@ def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
                 continue
             for name in items:
                 if not isinstance(name, str) or name not in lookup:
-                    raise InvalidUserDataError(f"example {i}: unknown label {name!r}: this bundle knows {names}")
+                    raise InvalidUserDataError(f"example {i}: unknown label {name!r}: this bundle knows {names}; use those names")
                 out[i, lookup[name]] = 1.0
         return out
     raise InvalidUserDataError(f"text user_data is not supported for a {manifest.loss} bundle; pass token-level arrays")
@@ -295,7 +295,7 @@ def _looks_like_arrays(user_data: Any) -> bool:
 
 
 def _array_examples(user_data: Any, manifest: Manifest, max_examples: int, vocab_size: int | None = None) -> Examples:
-    if isinstance(user_data, tuple):
+    if isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], Mapping):
         features, labels = dict(user_data[0]), user_data[1]
     elif isinstance(user_data, Mapping):
         features = {k: v for k, v in user_data.items() if k != "labels"}

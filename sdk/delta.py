@@ -249,12 +249,15 @@ class Delta:
         return sum(int(a.size) for a in self.tensors.values()) * per_value + scales
 
 
-def encode_delta(delta: Delta, *, key: bytes | None = None) -> bytes:
+def encode_delta(delta: Delta, *, key: bytes | None = None, context: bytes = b"") -> bytes:
     """Encode a delta as the bytes of a delta file (encrypted with AES-256-GCM if ``key``).
 
     Args:
         delta: the delta.
         key: 16, 24 or 32 bytes to encrypt at rest (needs the ``cryptography`` package).
+        context: with a key, bytes the file is bound to (authenticated, not stored): the
+            store passes the user's directory and version, so a valid file copied to another
+            user or version fails to decrypt. Decode with the same context.
 
     Returns:
         The file's bytes.
@@ -289,10 +292,10 @@ def encode_delta(delta: Delta, *, key: bytes | None = None) -> bytes:
         metadata, [(name, _STORED_DTYPE_OF_ARRAY[a.dtype.str], a.shape, a.tobytes()) for name, a in stored.items()]
     )
     plain = save(stored, metadata=metadata)
-    return plain if key is None else _encrypt(plain, key)
+    return plain if key is None else _encrypt(plain, key, context)
 
 
-def decode_delta(data: bytes, *, key: bytes | None = None) -> Delta:
+def decode_delta(data: bytes, *, key: bytes | None = None, context: bytes = b"") -> Delta:
     """Decode and verify the bytes of a delta file.
 
     Every defect of the bytes (truncated, altered, not a delta, unsupported version,
@@ -332,13 +335,13 @@ def decode_delta(data: bytes, *, key: bytes | None = None) -> Delta:
                 "the delta file is not encrypted but a key was given; refusing it, since an unencrypted file "
                 "may have been swapped in. Delete it and personalize again."
             )
-        data = _decrypt(data, key)
+        data = _decrypt(data, key, context)
     elif encrypted:
         raise DecryptionError("the delta file is encrypted: pass the key it was saved with (key=...)")
     return _decode_plain(data)
 
 
-def save_delta(path: str | os.PathLike, delta: Delta, *, key: bytes | None = None) -> None:
+def save_delta(path: str | os.PathLike, delta: Delta, *, key: bytes | None = None, context: bytes = b"") -> None:
     """Write a delta file atomically: the file at ``path`` is either the old one or the new one.
 
     Raises:
@@ -352,10 +355,10 @@ def save_delta(path: str | os.PathLike, delta: Delta, *, key: bytes | None = Non
         >>> load_delta(p).base_fingerprint
         'sha256:00'
     """
-    write_file_atomic(path, encode_delta(delta, key=key))
+    write_file_atomic(path, encode_delta(delta, key=key, context=context))
 
 
-def load_delta(path: str | os.PathLike, *, key: bytes | None = None) -> Delta:
+def load_delta(path: str | os.PathLike, *, key: bytes | None = None, context: bytes = b"") -> Delta:
     """Read, verify and decode a delta file.
 
     Raises:
@@ -382,7 +385,7 @@ def load_delta(path: str | os.PathLike, *, key: bytes | None = None) -> Delta:
     if len(data) > MAX_DELTA_BYTES:
         raise DeltaCorruptError(f"{path}: larger than {MAX_DELTA_BYTES} bytes, not a bias delta")
     try:
-        return decode_delta(data, key=key)
+        return decode_delta(data, key=key, context=context)
     except DeltaCorruptError as err:
         raise type(err)(f"{path}: {err}") from err
 
@@ -659,22 +662,23 @@ def _aesgcm(key: bytes) -> Any:
     return AESGCM(key)
 
 
-def _encrypt(plain: bytes, key: bytes) -> bytes:
+def _encrypt(plain: bytes, key: bytes, context: bytes = b"") -> bytes:
     nonce = os.urandom(_NONCE_BYTES)
-    return ENCRYPTED_MAGIC + nonce + _aesgcm(key).encrypt(nonce, plain, ENCRYPTED_MAGIC)
+    return ENCRYPTED_MAGIC + nonce + _aesgcm(key).encrypt(nonce, plain, ENCRYPTED_MAGIC + bytes(context))
 
 
-def _decrypt(data: bytes, key: bytes) -> bytes:
+def _decrypt(data: bytes, key: bytes, context: bytes = b"") -> bytes:
     aes = _aesgcm(key)
     start = len(ENCRYPTED_MAGIC)
     if len(data) < start + _NONCE_BYTES + _TAG_BYTES:
         raise DecryptionError(f"the encrypted delta is truncated ({len(data)} bytes)")
     nonce, ciphertext = data[start : start + _NONCE_BYTES], data[start + _NONCE_BYTES :]
     try:
-        return aes.decrypt(nonce, ciphertext, ENCRYPTED_MAGIC)
+        return aes.decrypt(nonce, ciphertext, ENCRYPTED_MAGIC + bytes(context))
     except Exception as err:  # cryptography raises InvalidTag; anything else is as bad
         raise DecryptionError(
-            "the encrypted delta could not be authenticated: wrong key, or the file was altered"
+            "the encrypted delta could not be authenticated: wrong key, the file was altered, or it was "
+            "copied from another user or version"
         ) from err
 
 

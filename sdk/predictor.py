@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -162,7 +163,9 @@ class Predictor:
         self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray], str | None]] = OrderedDict()
         self._cache_size = cache_size
         self._head_paths: dict[str, str] = {}
-        self.last_fallbacks: dict[str, str] = {}
+        # predict() may run on several threads while personalize() invalidates entries:
+        # the cache (an OrderedDict) is only touched under this lock.
+        self._lock = threading.Lock()
 
     # -- deltas ---------------------------------------------------------------------
     def _store_signature(self, user: str) -> Any:
@@ -184,22 +187,26 @@ class Predictor:
             return None
         return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
-    def user_tensors(self, user: str | None) -> dict[str, np.ndarray]:
-        """The trainable tensors to feed for ``user`` (base + delta), cached; {} for the base."""
+    def user_tensors(self, user: str | None, fallbacks: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        """The trainable tensors to feed for ``user`` (base + delta), cached; {} for the base.
+
+        A user served the base model because their delta is unusable is added to
+        ``fallbacks`` (on every call, not only the one that loaded it).
+        """
         if user is None:
             return {}
         signature = self._store_signature(user)
-        cached = self._cache.get(user)
+        with self._lock:
+            cached = self._cache.get(user)
         if cached is None or cached[0] != signature:
-            cached = (signature, *self._load_user(user))
+            cached = (signature, *self._load_user(user))  # disk I/O outside the lock
+        with self._lock:
             self._cache[user] = cached
-        self._cache.move_to_end(user)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        if cached[2] is not None:
-            # Reported on every call, not only the one that loaded it: a cached fallback
-            # is still a user served the base model.
-            self.last_fallbacks[user] = cached[2]
+            self._cache.move_to_end(user)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        if cached[2] is not None and fallbacks is not None:
+            fallbacks[user] = cached[2]
         return cached[1]
 
     def _load_user(self, user: str) -> tuple[dict[str, np.ndarray], str | None]:
@@ -225,10 +232,11 @@ class Predictor:
 
     def invalidate(self, user: str | None = None) -> None:
         """Forget cached deltas (one user, or all)."""
-        if user is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(user, None)
+        with self._lock:
+            if user is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(user, None)
 
     # -- inputs ---------------------------------------------------------------------
     def encode(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
@@ -236,6 +244,10 @@ class Predictor:
         if self.encoder is not None and not isinstance(inputs, Mapping):
             if isinstance(inputs, (str, bytes)):
                 inputs = [inputs]
+            try:
+                inputs = list(inputs)
+            except TypeError as err:
+                raise InvalidUserDataError(f"predict takes texts for this bundle (a str or a list of str), got {type(inputs).__name__}") from err
             texts = [check_text(t, f"input {i}") for i, t in enumerate(inputs)]
             if not texts:
                 raise InvalidUserDataError("predict needs at least one input")
@@ -249,14 +261,15 @@ class Predictor:
         return arrays, rows
 
     # -- running --------------------------------------------------------------------
-    def logits(self, feeds: Mapping[str, np.ndarray], users: Sequence[str | None]) -> np.ndarray:
+    def logits(self, feeds: Mapping[str, np.ndarray], users: Sequence[str | None],
+               fallbacks: dict[str, str] | None = None) -> np.ndarray:
         """Raw first output for already-encoded feeds; ``users`` has one entry per row."""
         distinct = list(dict.fromkeys(users))
         name = self.manifest.logits_output
         if len(distinct) == 1:
-            return self.session.run([name], {**feeds, **self.user_tensors(distinct[0])})[0]
+            return self.session.run([name], {**feeds, **self.user_tensors(distinct[0], fallbacks)})[0]
         if self.manifest.per_row:
-            per_user = {u: self.user_tensors(u) for u in distinct}
+            per_user = {u: self.user_tensors(u, fallbacks) for u in distinct}
             rows = {t.name: np.concatenate([per_user[u].get(t.name, self.base[t.name]) for u in users])
                     for t in self.manifest.trainable}
             return self.session.run([name], {**feeds, **rows})[0]
@@ -268,7 +281,7 @@ class Predictor:
             part = {k: v[index] for k, v in feeds.items()}
             if self.encoder is not None and self.manifest.text and self.manifest.text.attention_mask:
                 part = _trim_padding(part, self.manifest.text.attention_mask)
-            logits = self.session.run([name], {**part, **self.user_tensors(user)})[0]
+            logits = self.session.run([name], {**part, **self.user_tensors(user, fallbacks)})[0]
             if out is None:
                 out = np.zeros((len(users), *logits.shape[1:]), logits.dtype)
             if logits.ndim >= 2 and out.ndim >= 2 and logits.shape[1:] != out.shape[1:]:
@@ -289,6 +302,8 @@ class Predictor:
         feeds, rows = self.encode(inputs)
         if user is None or isinstance(user, str):
             users: list[str | None] = [user] * rows
+        elif not isinstance(user, Sequence) or isinstance(user, (bytes, bytearray)):
+            raise InvalidUserDataError(f"user must be a str, None, or a list with one id per input row; got {type(user).__name__}")
         else:
             users = list(user)
             if len(users) != rows:
@@ -296,16 +311,16 @@ class Predictor:
         for u in users:
             if u is not None and (not isinstance(u, str) or not u):
                 raise InvalidUserDataError(f"user ids must be non-empty strings or None, got {u!r}")
-        self.last_fallbacks = {}
+        fallbacks: dict[str, str] = {}
         chunks = []
         for start in range(0, rows, self.batch_size):
             part = {k: v[start:start + self.batch_size] for k, v in feeds.items()}
             if self.encoder is not None and self.manifest.text and self.manifest.text.attention_mask:
                 part = _trim_padding(part, self.manifest.text.attention_mask)
-            chunks.append(self.logits(part, users[start:start + self.batch_size]))
+            chunks.append(self.logits(part, users[start:start + self.batch_size], fallbacks))
         logits = _concat_ragged(chunks)
         probabilities, labels = self._interpret(logits)
-        return Prediction(logits, probabilities, labels, users, dict(self.last_fallbacks))
+        return Prediction(logits, probabilities, labels, users, fallbacks)
 
     def _interpret(self, logits: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         loss, names = self.manifest.loss, self.manifest.labels

@@ -102,6 +102,15 @@ class DeltaStore:
     def __repr__(self) -> str:
         return f"DeltaStore({str(self.root)!r}, retention={self.retention}, encrypted={self._key is not None})"
 
+    def uses_key(self, key: bytes | None) -> bool:
+        """Whether this store encrypts with exactly ``key`` (None: whether it does not encrypt).
+
+        Example:
+            >>> DeltaStore("/tmp/s", key=bytes(32)).uses_key(bytes(32)), DeltaStore("/tmp/s").uses_key(bytes(32))
+            (True, False)
+        """
+        return self._key == (None if key is None else validate_key(key))
+
     # ------------------------------------------------------------------ public API
 
     def path_for(self, user: str) -> Path:
@@ -143,14 +152,13 @@ class DeltaStore:
         if not isinstance(delta, Delta):
             raise InvalidArgumentError(f"save needs a Delta, got {type(delta).__name__}")
         directory = self.path_for(user)
-        data = encode_delta(delta, key=self._key)  # outside the lock: it is the slow part
         with self._locked(directory, create=True):
             self._ensure_user_file(directory, user)
             self._remove_leftovers(directory)
             state = self._state(directory)
             version = state.latest + 1
             path = directory / _version_name(version)
-            write_file_atomic(path, data)
+            write_file_atomic(path, encode_delta(delta, key=self._key, context=_context(directory, version)))
             try:
                 self._write_head(directory, version, version)
             except StoreWriteError:
@@ -181,7 +189,7 @@ class DeltaStore:
             state = self._state(directory)
             if version not in state.versions:
                 raise _no_version(user, version, state.versions)
-            return load_delta(directory / _version_name(version), key=self._key)
+            return self._load(directory, version)
         # Lock-free read: a concurrent save may prune the version HEAD named a moment
         # ago, so re-read HEAD when its file vanished.
         for _ in range(5):
@@ -189,10 +197,13 @@ class DeltaStore:
             if state.current is None:
                 raise DeltaNotFoundError(f"user {_show(user)} has no delta yet: personalize first")
             try:
-                return load_delta(directory / _version_name(state.current), key=self._key)
+                return self._load(directory, state.current)
             except DeltaNotFoundError:
                 continue
         raise StoreBusyError(f"the deltas of user {_show(user)} kept changing while loading; try again")
+
+    def _load(self, directory: Path, version: int) -> Delta:
+        return load_delta(directory / _version_name(version), key=self._key, context=_context(directory, version))
 
     def current_version(self, user: str) -> int | None:
         """The current version of ``user``, or None if there is none.
@@ -258,7 +269,7 @@ class DeltaStore:
             row: dict[str, Any] = {"version": version, "current": version == state.current}
             try:
                 row["bytes"] = path.stat().st_size
-                delta = load_delta(path, key=self._key)
+                delta = self._load(directory, version)
             except (OSError, DeltaNotFoundError, DeltaCorruptError) as err:
                 row["error"] = str(err)
             else:
@@ -306,7 +317,7 @@ class DeltaStore:
                 version = earlier[-1]
             elif version not in state.versions:
                 raise _no_version(user, version, state.versions)
-            load_delta(directory / _version_name(version), key=self._key)  # refuse a damaged target
+            self._load(directory, version)  # refuse a damaged target
             self._write_head(directory, version, state.latest)
         return version
 
@@ -334,6 +345,16 @@ class DeltaStore:
             _check_version(version)
         with self._locked(directory, create=False, user=user):
             if version is None:
+                # rmtree removes files in directory order: were HEAD gone and a crash to stop it, the
+                # remaining versions would be "recovered" as current. Remove the versions first, the
+                # current one last, so a crash leaves the user as before or with no delta at all.
+                current = self._state(directory).current
+                files = _version_files(directory)
+                for number in sorted(files, key=lambda v: (v == current, v)):
+                    try:
+                        files[number].unlink()
+                    except OSError as err:
+                        raise StoreWriteError(f"could not delete {files[number]}: {err.strerror or err}") from err
                 try:
                     # Under the lock, .lock included: a waiter then sees its lock file gone and retries.
                     shutil.rmtree(directory)
@@ -401,7 +422,7 @@ class DeltaStore:
         current = None
         for version in sorted(files, reverse=True):
             try:
-                load_delta(files[version], key=self._key)
+                load_delta(files[version], key=self._key, context=_context(directory, version))
             except (DeltaCorruptError, DeltaNotFoundError):
                 continue
             current = version
@@ -440,6 +461,15 @@ def _check_user(user: Any) -> None:
         raise InvalidUserDataError(f"user id must be a str, got {type(user).__name__}")
     if not user:
         raise InvalidUserDataError("user id must not be empty")
+
+
+def _context(directory: Path, version: int) -> bytes:
+    """What an encrypted version file is bound to: its user directory and version number.
+
+    A valid encrypted file copied to another user, or over another version, then fails to
+    authenticate (``DecryptionError``) instead of being served.
+    """
+    return f"{directory.name}/{_version_name(version)}".encode()
 
 
 def _check_version(version: Any) -> None:

@@ -296,7 +296,6 @@ def test_numeric_data_forms(numeric_bundle, tmp_path):
         ([("good day", "pos"), (None, "neg")], "text must be a non-empty string"),
         ([("good day", "pos", "extra")], "expected a (text, label) pair"),
         ([{"text": "good day"}], "needs 'text' and 'label'"),
-        ({"text": ["good"], "label": ["pos"]}, "'labels' array"),
         ("missing-file.jsonl", "missing-file.jsonl"),
     ],
 )

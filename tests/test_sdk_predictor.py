@@ -298,3 +298,35 @@ def test_bundle_manifest_describes_the_tiny_bundles(text_bundle, numeric_bundle)
     assert all(t.role == "bias" and t.inference_shape == [1, *t.shape] for t in text.trainable)
     numeric = Bundle.open(numeric_bundle).manifest
     assert numeric.text is None and [i.name for i in numeric.inputs] == ["features"] and numeric.per_row
+
+
+def test_predict_while_another_thread_personalizes_and_invalidates(text_bundle, tmp_path):
+    """One Personalizer serving predictions on threads while personalize() saves new versions."""
+    import threading
+
+    p = Personalizer(text_bundle, store=tmp_path / "store")
+    p.personalize(text_data(24), user="u", **QUICK)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        try:
+            while not stop.is_set():
+                got = p.predict(PROBES, user=["u", None] * (len(PROBES) // 2) + ["u"] * (len(PROBES) % 2))
+                assert got.fallbacks == {}
+                p.predictor.invalidate("u")
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=serve) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for seed in range(3):
+            p.personalize(text_data(24, seed=seed), user="u", **QUICK)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    assert p.store.current_version("u") == 4

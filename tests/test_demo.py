@@ -1,0 +1,32 @@
+"""The quick demo end to end: packaged MiniLM, real tweets, two users (~1 minute)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.integration
+def test_quick_demo_personalizes_users_and_writes_report_and_plot(tmp_path, capsys):
+    from bitfit.export.demo import run_demo
+
+    result = run_demo(out_dir=tmp_path / "demo", quick=True)
+    out = capsys.readouterr().out
+
+    report, plot = tmp_path / "demo" / "report.md", tmp_path / "demo" / "accuracy.png"
+    assert report.is_file() and plot.is_file()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text(encoding="utf-8")
+    assert "bitfit demo --out" in text and "--quick" in text and "onnxruntime-training-cpu" in text
+
+    users = result["users"]
+    assert len(users) == 2
+    for user, r in users.items():
+        assert r["accuracy_after"] >= r["accuracy_before"] - 0.02, (user, r)
+        assert 0 < r["delta_bytes"] < 200_000 and r["train_seconds"] > 0
+        assert user in text and f"{r['accuracy_after']:.3f}" in text
+    assert max(r["accuracy_after"] - r["accuracy_before"] for r in users.values()) >= 0.05
+    # One shared session: a per-row batch equals user-by-user predictions, and the users differ somewhere.
+    assert result["per_row_vs_one_by_one_max_abs_diff"] < 1e-5
+    per_sentence = [{p["label"] for p in row["predictions"].values()} for row in result["switch"]]
+    assert any(len(labels) > 1 for labels in per_sentence)
+    assert "Holdout accuracy per user" in out and "One shared session" in out
