@@ -73,14 +73,7 @@ class TrainingSession:
         order = manifest.source.get("parameter_order")
         if not order:
             raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
-        weights = bundle.base_weights(order)
-        if start:
-            weights.update({k: np.asarray(v, np.float32).reshape(weights[k].shape) for k, v in start.items()})
-        buffer = np.concatenate([weights[name].ravel() for name in order]).astype(np.float32, copy=False)
-        if buffer.size != self.module.get_parameters_size(trainable_only=False):
-            raise BundleInvalidError("the weights file does not match the training model's parameters; re-export the bundle")
-        self.module.copy_buffer_to_parameters(OrtValue.ortvalue_from_numpy(buffer)._ortvalue, trainable_only=False)
-        del buffer, weights
+        self._fill_parameters(order, dict(start or {}))
         # The optimizer must be created after the parameters hold data: built on a nominal
         # (shapes-only) state, its set_learning_rate segfaults in ORT 1.19.2.
         try:
@@ -91,6 +84,33 @@ class TrainingSession:
         self.input_names = list(self.module.input_names())
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
+
+    def _fill_parameters(self, order: list[str], start: dict[str, np.ndarray]) -> None:
+        """Copy every parameter into the nominal state through one preallocated buffer.
+
+        Filled tensor by tensor straight from the (memory-mapped) weights file, so the base
+        weights are held once on the way in, not three times (a dict of tensors, their
+        concatenation and ORT's copy): 86 MB less at load for MiniLM (BENCHMARKS.md).
+        """
+        from safetensors import SafetensorError
+        from safetensors.numpy import safe_open
+
+        buffer = np.empty(self.module.get_parameters_size(trainable_only=False), np.float32)
+        offset = 0
+        try:
+            with safe_open(str(self.bundle.file("weights")), framework="numpy") as fh:
+                for name in order:
+                    tensor = np.asarray(start[name], np.float32) if name in start else fh.get_tensor(name)
+                    if offset + tensor.size > buffer.size:
+                        break
+                    buffer[offset:offset + tensor.size] = tensor.ravel()
+                    offset += tensor.size
+        except (SafetensorError, OSError, KeyError) as err:
+            raise BundleInvalidError(f"cannot read the bundle's weights ({err}); re-export the bundle") from err
+        if offset != buffer.size:
+            raise BundleInvalidError("the weights file does not match the training model's parameters; re-export the bundle")
+        value = OrtValue.ortvalue_from_numpy(buffer)  # kept alive during the copy: ORT reads this memory
+        self.module.copy_buffer_to_parameters(value._ortvalue, trainable_only=False)
 
     def set_learning_rate(self, value: float) -> None:
         self.optimizer.set_learning_rate(float(value))
