@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bitfit demo
 
+# pytest exits 5 when it collects no test: that is a failure here, said plainly.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
+	@HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 test-stress: install
 	HF_HUB_OFFLINE=1 BITFIT_STRESS=1 $(PY) -m pytest -q -ra
