@@ -39,6 +39,13 @@ from .validate import validate_bundle
 
 log = logging.getLogger("bitfit.export")
 BITFIT_VERSION = "0.1.0"
+# What ORT 1.19.2's optimizer models compute (checked against onnxblock's AdamW/SGD blocks and
+# by tests/test_parity.py); the learning rate is set by the trainer at run time.
+OPTIMIZER_SETTINGS = {
+    "adamw": {"betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True,
+              "epsilon_placement": "huggingface (added before bias correction, adam_mode=1)"},
+    "sgd": {"momentum": 0.0, "weight_decay": 0.0, "update": "w -= lr * grad"},
+}
 
 
 def resolve_source(
@@ -180,7 +187,8 @@ def export_bundle(
             ignore_index=ignore_index if loss == "token-cross-entropy" else None,
             per_row=plan.per_row, label_input=LABEL_INPUT,
             source={"kind": src.kind, "name": src.name, "parameter_order": order, "repairs": repairs,
-                    "per_row_reason": plan.reason, "bitfit_version": BITFIT_VERSION},
+                    "per_row_reason": plan.reason, "bitfit_version": BITFIT_VERSION,
+                    "optimizer_settings": OPTIMIZER_SETTINGS[optimizer]},
             opset=next((o.version for o in forward.opset_import if o.domain in ("", "ai.onnx")), 17),
             ort_version=_ort_version(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )

@@ -140,10 +140,15 @@ class Manifest:
                 f"(reads version {BUNDLE_FORMAT_VERSION}); re-export with a matching bitfit"
             )
         stored = raw.pop("checksum", None)
+        if stored is None:
+            raise BundleInvalidError(
+                "manifest.json has no checksum: the bundle was exported by an older bitfit, or the field was "
+                "removed; re-export it with this bitfit (bitfit export ...)"
+            )
         if stored != manifest_checksum(raw):
             raise BundleInvalidError(
-                "manifest.json is damaged or was edited (its checksum does not match its content"
-                + ("; it has none" if stored is None else "") + "); copy the bundle again or re-export it"
+                "manifest.json is damaged or was edited (its checksum does not match its content); "
+                "copy the bundle again or re-export it"
             )
         try:
             manifest = cls(

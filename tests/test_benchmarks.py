@@ -26,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 BENCHMARK_MODULES = ["benchmarks.environment", "benchmarks.timing", "benchmarks.torch_recipes", "benchmarks.workspace",
-                     "benchmarks.step_time", "benchmarks.memory", "benchmarks.personalization", "benchmarks.inference",
+                     "benchmarks.sessions", "benchmarks.step_time", "benchmarks.memory", "benchmarks.personalization", "benchmarks.inference",
                      "benchmarks.deltas", "benchmarks.quality", "benchmarks.diagnostics", "benchmarks.plots",
                      "benchmarks.report", "benchmarks.run"]
 
@@ -65,8 +65,8 @@ def test_step_times_cover_every_method_and_shape(tiny_run):
 def test_memory_workers_run_the_sdk_without_torch(tiny_run):
     results, _ = tiny_run
     by = {r["method"]: r for r in results["memory"]}
-    assert set(by) == {"sdk-import", "sdk-train", "sdk-train-lean", "torch-head"}
-    for method in ("sdk-import", "sdk-train", "sdk-train-lean"):
+    assert set(by) == {"sdk-import", "sdk-train", "torch-head"}
+    for method in ("sdk-import", "sdk-train"):
         assert by[method]["torch_imported"] is False, method
     assert by["torch-head"]["torch_imported"] is True
     for r in by.values():

@@ -1,0 +1,25 @@
+"""Side-by-side benchmarks of bitfit against plain PyTorch, written to ``BENCHMARKS.md``.
+
+Run ``python -m benchmarks.run`` (``make bench``) for the full report, or
+``python -m benchmarks.run --quick`` (``make bench-quick``) for a spot check of a few
+minutes. Every number in the report is measured by that one command, side by side in one
+run, as medians over repeats.
+
+One module per measurement; each exposes a function that takes a
+:class:`benchmarks.workspace.Workspace` (a model, its bundle and data) and returns plain
+dicts, so the test suite can run every one of them on a tiny model:
+
+- ``step_time``: train step of the SDK vs PyTorch BitFit / full fine-tuning / head-only.
+- ``memory``: peak RSS of each method, each in its own subprocess (also the worker).
+- ``personalization``: wall time of ``Personalizer.personalize``.
+- ``inference``: plain ONNX vs the SDK with a user's delta, user switch, per-row batches.
+- ``deltas``: delta size and kept accuracy per encoding, bundle size.
+- ``quality``: holdout accuracy per "user" (tweet domain) for every method.
+- ``diagnostics``: ORT profiles and optimized-graph op counts that explain the numbers.
+- ``report`` / ``plots``: targets, ``BENCHMARKS.md`` and the PNG plots.
+- ``workspace`` (model, bundle, data), ``torch_recipes`` (the PyTorch baselines),
+  ``sessions``, ``timing`` and ``environment``: what the measurements share.
+
+This package imports nothing at import time: the memory worker must be able to run the
+SDK in a process where torch cannot be imported.
+"""
