@@ -56,6 +56,19 @@ def _current_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _synthetic_batch(args: Any) -> tuple[dict[str, Any], Any]:
+    """The same seeded text batch for every method, so their memory is comparable."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(1000 % args.vocab, args.vocab, (args.batch, args.seq)).astype(np.int64),
+        "attention_mask": np.ones((args.batch, args.seq), np.int64),
+        "token_type_ids": np.zeros((args.batch, args.seq), np.int64),
+    }
+    return feeds, rng.integers(0, 3, args.batch).astype(np.int64)
+
+
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     stages: dict[str, float] = {}
     if args.method in SDK_METHODS:
@@ -75,13 +88,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         from bitfit.sdk.bundle import Bundle
 
         bundle = Bundle.open(args.bundle, verify="sizes")
-        rng = np.random.default_rng(0)
-        feeds = {
-            "input_ids": rng.integers(1000 % args.vocab, args.vocab, (args.batch, args.seq)).astype(np.int64),
-            "attention_mask": np.ones((args.batch, args.seq), np.int64),
-            "token_type_ids": np.zeros((args.batch, args.seq), np.int64),
-        }
-        labels = rng.integers(0, 3, args.batch).astype(np.int64)
+        feeds, labels = _synthetic_batch(args)
         if args.method == "sdk-predict":
             from bitfit.sdk.predictor import Predictor
 
@@ -116,13 +123,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         bias_names = [t["name"] for t in manifest["trainable"]]
     trainer = TorchTrainer(model, args.method.removeprefix("torch-"), 1e-6, bias_names)  # type: ignore[arg-type]
     stages["after_load"] = _peak_mb()
-    rng = np.random.default_rng(0)
-    feeds = {
-        "input_ids": rng.integers(1000 % args.vocab, args.vocab, (args.batch, args.seq)).astype(np.int64),
-        "attention_mask": np.ones((args.batch, args.seq), np.int64),
-        "token_type_ids": np.zeros((args.batch, args.seq), np.int64),
-    }
-    labels = rng.integers(0, 3, args.batch).astype(np.int64)
+    feeds, labels = _synthetic_batch(args)
     for _ in range(args.steps):
         trainer.step(feeds, labels)
     return {"torch_imported": True, "torch": torch.__version__, "stages": stages, "peak_mb": _peak_mb(),
