@@ -35,7 +35,8 @@ class TrainingSession:
     """Trains a bundle's trainable tensors, starting from base + an optional delta.
 
     ``start`` maps trainable names to the values to start from (base + the user's current
-    delta); missing names start from the base.
+    delta); missing names start from the base. ``session_options`` (an
+    ``onnxruntime.SessionOptions``) is passed to ORT as is, e.g. to profile a step.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class TrainingSession:
         device: Device = "cpu",
         threads: int | None = None,
         learning_rate: float | None = None,
+        session_options: "ort.SessionOptions | None" = None,
     ) -> None:
         if device == "cuda" and not cuda_available():
             raise ProviderUnavailableError(
@@ -56,7 +58,8 @@ class TrainingSession:
             raise ProviderUnavailableError(f"unknown training device {device!r}: use 'cpu' or 'cuda'")
         self.bundle = bundle
         manifest = bundle.manifest
-        options = ort.SessionOptions()
+        # Caller's options (e.g. enable_profiling for a profile of the train step) or defaults.
+        options = session_options if session_options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1

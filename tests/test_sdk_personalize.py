@@ -424,3 +424,20 @@ def test_threads_option_trains_the_same_delta(text_bundle, tmp_path):
     two.personalize(data, user="u", **options)
     for name, value in stored(one, "u").items():
         np.testing.assert_allclose(value, stored(two, "u")[name], atol=1e-5)
+
+
+def test_training_session_takes_session_options_for_profiling(text_bundle, tmp_path):
+    from bitfit.sdk.data import TextEncoder, batches, load_examples
+    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.trainer import TrainingSession
+
+    bundle = Bundle.open(text_bundle)
+    encoder = TextEncoder(bundle)
+    feeds, labels = next(batches(load_examples(text_data(8), bundle, encoder), encoder, 8, None))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "train-profile")
+    session = TrainingSession(bundle, session_options=options, learning_rate=1e-3)
+    assert math.isfinite(session.train_step(feeds, labels))
+    del session
+    assert list(tmp_path.glob("train-profile*.json")), "ORT wrote no profile: the options were not used"
