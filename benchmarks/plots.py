@@ -57,10 +57,7 @@ def plot_step_times(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("batch x sequence length")
     ax.set_ylabel("ms per step (median, IQR bars; log scale)")
     ax.set_title("Train step time per method")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_memory(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -76,10 +73,7 @@ def plot_memory(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("peak RSS (MB)")
     ax.set_xlabel("batch x sequence length")
     ax.set_title("Peak memory per method (each in its own process)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -104,6 +98,12 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure (every plot here is saved the same way)."""
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-import shutil
 from pathlib import Path
 
 import onnx
@@ -189,10 +188,6 @@ def generate_training_artifacts(
             files[f"mobile_{model_name}_required_operators" if model_name else "mobile_required_operators"] = prefix + config.name
     log.info("training artifacts written to %s", target)
     return files
-
-
-def remove_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def loss_for(task: Task) -> LossName:

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import warnings
@@ -460,5 +459,4 @@ def copy_tokenizer(source: Path, bundle_dir: Path) -> str:
     except Exception as err:
         raise ExportError(f"{source} is not a tokenizers-library tokenizer.json ({err})") from err
     shutil.copyfile(source, bundle_dir / "tokenizer.json")
-    json.loads((bundle_dir / "tokenizer.json").read_text(encoding="utf-8"))
     return "tokenizer.json"

@@ -181,36 +181,29 @@ def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export("tokenizer", lambda: build_tokenizer(_bundle_root(tmp_path_factory) / "tokenizer.json"))
 
 
-@pytest.fixture(scope="session")
-def text_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path) -> Path:
-    """The per-row tiny text bundle (policy all-biases)."""
-
+def _text_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path, name: str, policy: str) -> Path:
     def make() -> Path:
         from bitfit.export import export_bundle
 
         model, example = build_text_model()
-        out = _bundle_root(tmp_path_factory) / "text"
+        out = _bundle_root(tmp_path_factory) / name
         export_bundle(model, out, example_inputs=example, labels=TEXT_LABELS, tokenizer=tokenizer_file,
-                      max_length=MAX_LENGTH)
+                      policy=policy, max_length=MAX_LENGTH)
         return out
 
-    return _export("text", make)
+    return _export(name, make)
+
+
+@pytest.fixture(scope="session")
+def text_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path) -> Path:
+    """The per-row tiny text bundle (policy all-biases)."""
+    return _text_bundle(tmp_path_factory, tokenizer_file, "text", "all-biases")
 
 
 @pytest.fixture(scope="session")
 def text_head_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_file: Path) -> Path:
     """The tiny text model with its head weight trainable too: per_row is false."""
-
-    def make() -> Path:
-        from bitfit.export import export_bundle
-
-        model, example = build_text_model()
-        out = _bundle_root(tmp_path_factory) / "text-head"
-        export_bundle(model, out, example_inputs=example, labels=TEXT_LABELS, tokenizer=tokenizer_file,
-                      policy="all-biases+head", max_length=MAX_LENGTH)
-        return out
-
-    return _export("text-head", make)
+    return _text_bundle(tmp_path_factory, tokenizer_file, "text-head", "all-biases+head")
 
 
 @pytest.fixture(scope="session")
