@@ -103,7 +103,6 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _save(fig: Any, path: Path) -> Path:
     """Lay out, write and close a figure (every plot here is saved the same way)."""
-
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
