@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitfit.sdk.ort_training import ort
+from bitfit.sdk.runtime import ort
 
 LEVELS = ("disabled", "basic", "extended", "all")
 _LEVELS = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitfit.sdk.ort_training import ort
+from bitfit.sdk.runtime import ort
 from bitfit.sdk.trainer import TrainingSession
 
 from .sessions import session_options

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bitfit.sdk import BitfitError, Bundle, Personalizer, Predictor
-from bitfit.sdk.ort_training import ort
+from bitfit.sdk.runtime import ort
 from bitfit.sdk.trainer import cuda_available
 
 from example_data import HABITS, probe_inputs, user_examples

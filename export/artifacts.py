@@ -131,7 +131,7 @@ def generate_training_artifacts(
     """
     from onnxruntime.training import artifacts as ort_artifacts
 
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     ort.set_default_logger_severity(3)  # the gradient builder logs every transformer at INFO
     out_dir.mkdir(parents=True, exist_ok=True)  # generate_artifacts needs it to exist (pitfall 6)

@@ -44,7 +44,7 @@ def observe_output_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[
     Why not ONNX shape inference: it loses the batch symbol through Gather/Shape/Reshape
     chains (BERT's embeddings), so it cannot prove what a run shows directly.
     """
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     known = {o.name for o in probe.graph.output}
@@ -173,12 +173,14 @@ def build_inference_model(
     # the bytes are the same, so external data reads them either way.
     base = {name: (value.reshape(-1) if plan.per_row and name in trainable else value) for name, value in weights.items()}
     save_file({k: np.ascontiguousarray(v) for k, v in base.items()}, str(out_dir / WEIGHTS_FILE))
-    _point_at_weights(model, out_dir / WEIGHTS_FILE)
+    point_at_weights(model, out_dir / WEIGHTS_FILE)
     onnx.save(model, str(out_dir / INFERENCE_FILE))
     return plan, base
 
 
-def _point_at_weights(model: onnx.ModelProto, weights_path: Path) -> None:
+def point_at_weights(model: onnx.ModelProto, weights_path: Path) -> None:
+    """Make every initializer stored in ``weights_path`` (a safetensors file in the model's
+    folder) ONNX external data pointing at its bytes there; others stay inline."""
     raw = weights_path.read_bytes()[:8]
     header_len = struct.unpack("<Q", raw)[0]
     with open(weights_path, "rb") as fh:

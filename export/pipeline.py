@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -28,17 +28,24 @@ from bitfit.sdk.bundle import (
     Bundle, IOSpec, LossName, Manifest, OptimizerName, Task, TextSpec, TrainableTensor,
     file_entry, fingerprint_tensors, write_manifest,
 )
-from bitfit.sdk.errors import ExportError
+from bitfit.sdk.errors import BackendUnavailableError, ExportError
+from bitfit.sdk.runtime import has_training_api
 
 from . import sources
 from .artifacts import LABEL_INPUT, generate_training_artifacts, loss_for
 from .biases import bias_uses_by_name, cross_check, find_biases, select_trainable
 from .inference_graph import INFERENCE_FILE, WEIGHTS_FILE, build_inference_model
+from .portable import write_portable_models
 from .repairs import ensure_named_nodes, refuse_unsupported, repair_for_training, split_shared_biases
 from .validate import validate_bundle
 
 log = logging.getLogger("bitfit.export")
-BITFIT_VERSION = "0.1.0"
+BITFIT_VERSION = "0.2.0"
+OrtTrainingArtifacts = Literal["auto", "required", "never"]
+NO_TRAINING_API = (
+    "onnxruntime-training is not installed where this bundle was exported (plain onnxruntime has no "
+    "gradient builder); export with `pip install 'bitfit[export,ort-training]'` for these artifacts"
+)
 # What ORT 1.19.2's optimizer models compute (checked against onnxblock's AdamW/SGD blocks and
 # by tests/test_parity.py); the learning rate is set by the trainer at run time.
 OPTIMIZER_SETTINGS = {
@@ -102,6 +109,7 @@ def export_bundle(
     max_length: int = 128,
     hf_task: str | None = None,
     ort_format: bool = False,
+    ort_training: OrtTrainingArtifacts = "auto",
     overwrite: bool = False,
     verbose: bool = True,
 ) -> Bundle:
@@ -111,6 +119,12 @@ def export_bundle(
     directory (with ``hf_task``), an ``.onnx`` file, or ``"minilm"`` (with ``labels``).
     Nothing is left at ``out_dir`` unless every step and check passed. With ``verbose``
     it prints one line with the trainable count and fraction (also in the manifest).
+
+    Every bundle gets the portable training model (plain onnxruntime) where the graph
+    allows; ``ort_training`` decides the onnxruntime-training 1.19.2 artifacts: ``"auto"``
+    writes them where that package is installed, ``"required"`` fails without it,
+    ``"never"`` skips them. The manifest's ``training_backends`` says which backends the
+    bundle has and why one is missing.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -121,6 +135,11 @@ def export_bundle(
         raise ExportError(f"unknown loss {loss!r}: use cross-entropy, mse, bce-with-logits or token-cross-entropy")
     if optimizer not in ("adamw", "sgd"):
         raise ExportError(f"unknown optimizer {optimizer!r}: use adamw or sgd")
+    if ort_training not in ("auto", "required", "never"):
+        raise ExportError(f"unknown ort_training {ort_training!r}: use auto, required or never")
+    if ort_training == "required" and not has_training_api():
+        raise BackendUnavailableError(f"ort_training='required' but {NO_TRAINING_API}")
+    write_ort_training = ort_training != "never" and has_training_api()
     started = time.perf_counter()
     src = resolve_source(model, example_inputs=example_inputs, labels=labels, hf_task=hf_task, max_length=max_length)
     task = task or src.task or "classification"
@@ -145,15 +164,32 @@ def export_bundle(
         graph_inputs = {i.name for i in forward.graph.input}
         feeds = {k: v for k, v in src.example_inputs.items() if k in graph_inputs}
         plan, base = build_inference_model(forward, trainable, uses, work, feeds)
-        training_graph = onnx.ModelProto.FromString(forward.SerializeToString())
-        repairs = repair_for_training(training_graph)
-        float_params = [i.name for i in training_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
-        frozen = [n for n in float_params if n not in trainable]
-        files = generate_training_artifacts(
-            training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
-            ignore_index=ignore_index if loss == "token-cross-entropy" else None,
-        )
-        order = [i.name for i in onnx.load(str(work / files["training_model"]), load_external_data=False).graph.input if i.name in base]
+        token_ignore = ignore_index if loss == "token-cross-entropy" else None
+        portable = write_portable_models(forward, trainable, {n: list(base[n].shape) for n in trainable}, work, loss=loss,
+                                         optimizer=optimizer, example_inputs=feeds, ignore_index=token_ignore)
+        files: dict[str, str] = dict(portable.files)
+        repairs: dict[str, Any] = {}
+        order: list[str] = []
+        training_graph = None
+        if write_ort_training:
+            training_graph = onnx.ModelProto.FromString(forward.SerializeToString())
+            repairs = repair_for_training(training_graph)
+            float_params = [i.name for i in training_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+            frozen = [n for n in float_params if n not in trainable]
+            files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
+                                                     ignore_index=token_ignore))
+            order = [i.name for i in onnx.load(str(work / files["training_model"]), load_external_data=False).graph.input
+                     if i.name in base]
+        if not portable.available and not write_ort_training:
+            raise ExportError(
+                f"this model cannot have a portable training model ({portable.reason}) and "
+                + (NO_TRAINING_API if ort_training == "auto" else "ort_training='never' was asked") + ": no backend could train it"
+            )
+        backends = {
+            "portable": {"available": portable.available, "reason": portable.reason},
+            "ort-training": {"available": write_ort_training,
+                             "reason": "" if write_ort_training else ("ort_training='never' was asked" if ort_training == "never" else NO_TRAINING_API)},
+        }
         files.update({"inference_model": INFERENCE_FILE, "weights": WEIGHTS_FILE})
         text = src.text
         tokenizer_file = Path(tokenizer) if tokenizer else src.tokenizer_file
@@ -161,9 +197,9 @@ def export_bundle(
             files["tokenizer"] = sources.copy_tokenizer(tokenizer_file, work)
             text = text or _text_spec_for(forward, max_length)
         if ort_format:
-            files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
-                                                     ignore_index=ignore_index if loss == "token-cross-entropy" else None,
-                                                     ort_format=True))
+            if training_graph is not None:
+                files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
+                                                         ignore_index=token_ignore, ort_format=True))
             files["mobile_inference_model"] = _inference_to_ort(work)
             # A reduced-operator mobile build must include the inference model's operators too.
             if (work / "mobile" / "inference.required_operators.config").is_file():
@@ -188,17 +224,20 @@ def export_bundle(
             per_row=plan.per_row, label_input=LABEL_INPUT,
             source={"kind": src.kind, "name": src.name, "parameter_order": order, "repairs": repairs,
                     "per_row_reason": plan.reason, "bitfit_version": BITFIT_VERSION,
-                    "optimizer_settings": OPTIMIZER_SETTINGS[optimizer]},
+                    "optimizer_settings": OPTIMIZER_SETTINGS[optimizer], "portable": portable.stats},
             opset=next((o.version for o in forward.opset_import if o.domain in ("", "ai.onnx")), 17),
             ort_version=_ort_version(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            training_backends=backends,
         )
         manifest.files = {k: file_entry(work, v) for k, v in files.items()}
         bundle = Bundle(work, manifest)
-        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference)
+        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)
         write_manifest(work, manifest)
+        trains_with = [b for b, v in backends.items() if v["available"]]
         summary = (f"bitfit: {out_dir}: {len(trainable)} trainable tensors ({selection.policy}), {trainable_values:,} of "
                    f"{total:,} values ({100 * trainable_values / total:.3f}%), per-row users: "
-                   f"{'yes' if plan.per_row else 'no (' + plan.reason + ')'}, validated in {time.perf_counter() - started:.1f}s")
+                   f"{'yes' if plan.per_row else 'no (' + plan.reason + ')'}, backends: {', '.join(trains_with)}, "
+                   f"validated in {time.perf_counter() - started:.1f}s")
         log.info(summary)
         if verbose:
             print(summary)
@@ -230,7 +269,7 @@ def _io_specs(values, exclude: set[str] = frozenset()) -> list[IOSpec]:
 
 
 def _ort_version() -> str:
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     return ort.__version__
 

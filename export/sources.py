@@ -53,6 +53,35 @@ class SourceGraph:
     task: Task | None = None
     head_weight: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    torch_logits: Callable[[dict[str, Any], dict[str, np.ndarray]], Any] | None = None
+    """``(overrides, feeds) -> output tensor``: the source's own torch forward with some
+    parameters replaced (``torch.func.functional_call``), so autograd gives the reference
+    gradients the portable training model is validated against. None for ``.onnx`` sources."""
+
+
+def functional_logits(module: Any, input_names: list[str]) -> Callable[[dict[str, Any], dict[str, np.ndarray]], Any]:
+    """A torch forward of ``module`` with parameters overridden by name, returning its first output.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> f = functional_logits(net, ["x"])
+        >>> f({"bias": torch.ones(1)}, {"x": np.zeros((1, 2), np.float32)}).tolist()
+        [[1.0]]
+    """
+    import torch
+
+    def forward(overrides: dict[str, Any], feeds: dict[str, np.ndarray]) -> Any:
+        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in input_names)
+        was_training = module.training
+        try:
+            out = torch.func.functional_call(module.eval(), overrides, args, strict=False)
+        finally:
+            module.train(was_training)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return first.logits if hasattr(first, "logits") else (out.logits if hasattr(out, "logits") else first)
+
+    return forward
 
 
 def _to_numpy_inputs(example_inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
@@ -206,7 +235,7 @@ def from_torch(
 
     return SourceGraph(
         model=model, kind="torch", name=name, example_inputs=inputs, reference=reference,
-        param_names=[n for n, _ in module.named_parameters()],
+        param_names=[n for n, _ in module.named_parameters()], torch_logits=functional_logits(module, list(inputs)),
     )
 
 
@@ -296,7 +325,7 @@ def from_onnx_file(
     Example:
         >>> src = from_onnx_file("model.onnx")                       # doctest: +SKIP
     """
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     path = Path(path)
     if not path.is_file():
@@ -329,6 +358,32 @@ def _hf_param_names_and_reference(hf_model: Any, input_names: list[str]) -> tupl
         return first.numpy()
 
     return [n for n, _ in hf_model.named_parameters()], reference
+
+
+def _hf_functional_logits(hf_model: Any, input_names: list[str]) -> Callable[[dict[str, Any], dict[str, np.ndarray]], Any]:
+    import torch
+
+    def forward(overrides: dict[str, Any], feeds: dict[str, np.ndarray]) -> Any:
+        kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items() if k in input_names}
+        out = torch.func.functional_call(hf_model, overrides, (), kwargs, strict=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    return forward
+
+
+def _grafted_head_logits(encoder: Callable, weight: np.ndarray) -> Callable[[dict[str, Any], dict[str, np.ndarray]], Any]:
+    """The grafted mean-pool head in torch (``head.weight`` is ``[hidden, labels]``, as in the graph)."""
+    import torch
+
+    def forward(overrides: dict[str, Any], feeds: dict[str, np.ndarray]) -> Any:
+        hidden = encoder({k: v for k, v in overrides.items() if not k.startswith("head.")}, feeds)
+        mask = torch.from_numpy(feeds["attention_mask"]).unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        w = overrides.get("head.weight", torch.from_numpy(weight))
+        b = overrides.get("head.bias", torch.zeros(weight.shape[1]))
+        return pooled @ w + b
+
+    return forward
 
 
 def from_hf_dir(
@@ -385,6 +440,7 @@ def from_hf_dir(
         else:
             feeds[name] = np.zeros((2, seq), np.int64)
     param_names, reference = _hf_param_names_and_reference(hf_model, input_names)
+    torch_logits = _hf_functional_logits(hf_model, input_names)
     tokenizer = path / "tokenizer.json"
     text = TextSpec(tokenizer="tokenizer.json", max_length=max_length,
                     attention_mask="attention_mask" if "attention_mask" in input_names else None,
@@ -406,6 +462,7 @@ def from_hf_dir(
             return pooled @ weight
 
         param_names = param_names + ["head.weight", "head.bias"]
+        torch_logits = _grafted_head_logits(torch_logits, weight)
         task_kind: Task = "classification"
     elif task == "token-classification":
         task_kind = "token-classification"
@@ -420,7 +477,7 @@ def from_hf_dir(
     return SourceGraph(
         model=model, kind="hf", name=path.name, example_inputs=feeds, reference=reference, param_names=param_names,
         text=text if tokenizer.is_file() else None, tokenizer_file=tokenizer if tokenizer.is_file() else None,
-        labels=labels, task=task_kind, head_weight=head_weight,
+        labels=labels, task=task_kind, head_weight=head_weight, torch_logits=torch_logits,
     )
 
 

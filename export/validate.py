@@ -2,11 +2,16 @@
 
 1. The inference model reproduces the source model (torch, or the original ONNX file)
    on the example inputs within 1e-4.
-2. Only the trainable tensors have gradient buffers in the training model.
-3. One training step (through the device SDK) changes trainable tensors and leaves every
-   frozen tensor bit-identical.
-4. The inference model fed the trained tensors gives the training session's eval logits.
-5. Per-row bundles: a batch where each row has its own bias equals row-by-row runs.
+2. Portable training model: its inputs are the model inputs, the labels and the trainable
+   tensors only (a frozen tensor cannot change); its loss and every gradient match torch
+   autograd on the source module (``.onnx`` sources: ORT's own gradient builder where
+   onnxruntime-training is installed, else central finite differences), per tensor within
+   1e-4 of the step's largest gradient; the eval model fed one step's trained tensors gives
+   the inference model's output.
+3. ORT-training artifacts (where written): only the trainable tensors have gradient
+   buffers; one training step changes trainable tensors and leaves every frozen tensor
+   bit-identical; the inference model fed the trained tensors gives the eval logits.
+4. Per-row bundles: a batch where each row has its own bias equals row-by-row runs.
 
 Example:
     >>> from bitfit.export.validate import OUTPUT_TOLERANCE
@@ -26,12 +31,14 @@ from bitfit.sdk.errors import ValidationFailedError
 
 OUTPUT_TOLERANCE = 1e-4
 PER_ROW_TOLERANCE = 1e-5
+GRADIENT_TOLERANCE = 1e-4  # of the step's largest reference gradient, per tensor
+FINITE_DIFFERENCE_TOLERANCE = 2e-2  # float32 central differences: relative to the directional derivative's scale
 
 
-def _session(bundle: Bundle):
-    from bitfit.sdk.ort_training import ort
+def _session(bundle: Bundle, key: str = "inference_model"):
+    from bitfit.sdk.runtime import ort
 
-    return ort.InferenceSession(str(bundle.file("inference_model")), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(bundle.file(key)), providers=["CPUExecutionProvider"])
 
 
 def _bias_feeds(bundle: Bundle, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -54,10 +61,9 @@ def validate_bundle(
     bundle: Bundle,
     example_inputs: dict[str, np.ndarray],
     reference: Callable[[dict[str, np.ndarray]], np.ndarray],
+    torch_logits: Callable | None = None,
 ) -> dict[str, object]:
     """Run every check; raise ValidationFailedError on the first failure, else return the numbers."""
-    from bitfit.sdk.trainer import TrainingSession
-
     manifest = bundle.manifest
     logits_name = manifest.logits_output
     session = _session(bundle)
@@ -73,7 +79,154 @@ def validate_bundle(
             f"the inference model differs from the source model by {diff:.3g} (> {OUTPUT_TOLERANCE} x {scale:.3g}); "
             "the export changed the model's math. Report this with the model."
         )
+    rng = np.random.default_rng(0)
+    labels = example_labels(bundle, ours, rng)
+    results: dict[str, object] = {"inference_vs_source_max_abs_diff": diff, "tolerance": OUTPUT_TOLERANCE}
+    if manifest.backend_available("portable"):
+        results["portable"] = _validate_portable(bundle, session, feeds, labels, scale, torch_logits)
+    if manifest.backend_available("ort-training"):
+        results.update(_validate_ort_training(bundle, session, feeds, labels, scale))
+    results["per_row_vs_row_by_row_max_abs_diff"] = _validate_per_row(bundle, session, feeds, scale, rng)
+    return results
 
+
+def _validate_portable(bundle: Bundle, session, feeds: dict[str, np.ndarray], labels: np.ndarray, scale: float,
+                       torch_logits: Callable | None) -> dict[str, object]:
+    from .gradient_graph import GRAD_SUFFIX, LOSS_OUTPUT
+
+    manifest = bundle.manifest
+    names = [t.name for t in manifest.trainable]
+    gradient = _session(bundle, "portable_gradient_model")
+    expected_inputs = [i.name for i in manifest.inputs] + [manifest.label_input] + names
+    expected_outputs = [LOSS_OUTPUT, manifest.logits_output] + [n + GRAD_SUFFIX for n in names]
+    got_inputs, got_outputs = [i.name for i in gradient.get_inputs()], [o.name for o in gradient.get_outputs()]
+    if sorted(got_inputs) != sorted(expected_inputs) or got_outputs != expected_outputs:
+        raise ValidationFailedError(
+            f"the portable gradient model takes {got_inputs[:6]}... and gives {got_outputs[:4]}...; expected the model "
+            "inputs, labels and trainable tensors in, loss, output and one gradient per trainable tensor out"
+        )
+    base = bundle.trainable_base()
+    outs = dict(zip(got_outputs, gradient.run(None, {**feeds, manifest.label_input: labels, **base})))
+    loss, grads = float(outs[LOSS_OUTPUT]), {n: outs[n + GRAD_SUFFIX] for n in names}
+    if not np.isfinite(loss):
+        raise ValidationFailedError(f"the portable model's first loss is {loss}; check the labels/loss for this task")
+    output_diff = float(np.max(np.abs(outs[manifest.logits_output] - session.run([manifest.logits_output], feeds)[0])))
+    if output_diff > OUTPUT_TOLERANCE * scale:
+        raise ValidationFailedError(f"the portable gradient model's output differs from the inference model's by {output_diff:.3g}")
+    check = _reference_gradients(bundle, feeds, labels, base, torch_logits)
+    if check is not None:
+        method, ref_loss, ref_grads, groups = check
+        # A bias the exporter split per use has one reference gradient: the sum over its copies.
+        folded = {key: sum(grads[n] for n in group) for key, group in groups.items()}
+        worst = _compare_gradients(method, loss, folded, ref_loss, ref_grads)
+    else:
+        method, worst = "finite-differences", _finite_difference_check(bundle, feeds, labels, base, grads)
+    # One SGD-like step, then the eval model and the inference model must agree on the result.
+    largest = max(float(np.max(np.abs(g))) for g in grads.values())
+    if largest == 0.0:
+        raise ValidationFailedError("every gradient of the portable model is zero: nothing would train")
+    trained = {n: base[n] - (0.1 / largest) * grads[n] for n in names}
+    evaluator = _session(bundle, "portable_eval_model")
+    eval_loss, eval_out = evaluator.run([LOSS_OUTPUT, manifest.logits_output], {**feeds, manifest.label_input: labels, **trained})
+    infer_out = session.run([manifest.logits_output], {**feeds, **_bias_feeds(bundle, trained)})[0]
+    eval_diff = float(np.max(np.abs(eval_out - infer_out)))
+    if eval_diff > OUTPUT_TOLERANCE * scale:
+        raise ValidationFailedError(f"the portable eval model fed trained tensors differs from the inference model by {eval_diff:.3g}")
+    return {"gradient_reference": method, "worst_gradient_error_relative": worst, "gradient_tolerance": GRADIENT_TOLERANCE
+            if method != "finite-differences" else FINITE_DIFFERENCE_TOLERANCE, "first_loss": loss,
+            "output_vs_inference_max_abs_diff": output_diff, "eval_vs_inference_after_step_max_abs_diff": eval_diff,
+            "frozen_tensors_are_constants": True}
+
+
+def _compare_gradients(method: str, loss: float, grads: dict[str, np.ndarray], ref_loss: float,
+                       ref_grads: dict[str, np.ndarray]) -> float:
+    if abs(loss - ref_loss) > GRADIENT_TOLERANCE * max(1.0, abs(ref_loss)):
+        raise ValidationFailedError(f"the portable model's loss {loss:.7g} differs from {method}'s {ref_loss:.7g}")
+    largest = max(float(np.max(np.abs(g))) for g in ref_grads.values()) or 1.0
+    errors = {n: float(np.max(np.abs(grads[n] - ref_grads[n]))) / largest for n in ref_grads}
+    name, worst = max(errors.items(), key=lambda kv: kv[1])
+    if worst > GRADIENT_TOLERANCE:
+        raise ValidationFailedError(
+            f"the portable gradient of {name} differs from {method} by {worst:.3g} of the largest gradient "
+            f"(> {GRADIENT_TOLERANCE}); the portable model would train differently. Report this with the model."
+        )
+    return worst
+
+
+def _reference_gradients(bundle: Bundle, feeds, labels, base, torch_logits):
+    """(method, loss, reference gradient per group, group -> trainable names) from torch
+    autograd or ORT's gradient builder; None where neither is there (then finite differences)."""
+    names = [t.name for t in bundle.manifest.trainable]
+    if torch_logits is not None:
+        import torch
+
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(n.split(".__copy")[0], []).append(n)
+        overrides = {s: torch.tensor(base[group[0]], requires_grad=True) for s, group in groups.items()}
+        loss = _torch_loss(bundle, torch_logits(overrides, feeds), labels)
+        loss.backward()
+        if all(t.grad is not None for t in overrides.values()):  # every name is one of the module's parameters
+            return "torch-autograd", float(loss.detach()), {s: t.grad.numpy() for s, t in overrides.items()}, groups
+    if bundle.manifest.backend_available("ort-training"):
+        from bitfit.sdk.runtime import has_training_api
+
+        if has_training_api():
+            from bitfit.sdk.trainer import OrtTrainingSession
+
+            trainer = OrtTrainingSession(bundle)
+            trainer.module.train()
+            loss, _ = trainer.module(*trainer._args(feeds, labels))
+            grads = {n: np.array(trainer.state.parameters[n].grad, np.float32) for n in names}
+            return "onnxruntime-training gradient builder", float(loss), grads, {n: [n] for n in names}
+    return None
+
+
+def _torch_loss(bundle: Bundle, out, labels: np.ndarray):
+    import torch
+    import torch.nn.functional as F
+
+    manifest = bundle.manifest
+    target = torch.from_numpy(labels)
+    if manifest.loss == "cross-entropy":
+        return F.cross_entropy(out, target)
+    if manifest.loss == "token-cross-entropy":
+        return F.cross_entropy(out.transpose(1, 2), target, ignore_index=manifest.ignore_index if manifest.ignore_index is not None else -100)
+    if manifest.loss == "mse":
+        return F.mse_loss(out, target)
+    return F.binary_cross_entropy_with_logits(out, target)
+
+
+def _finite_difference_check(bundle: Bundle, feeds, labels, base, grads) -> float:
+    """Central differences of the eval model's loss along one random direction per tensor."""
+    manifest = bundle.manifest
+    evaluator = _session(bundle, "portable_eval_model")
+    rng = np.random.default_rng(1)
+
+    def loss_at(values):
+        return float(evaluator.run(["loss"], {**feeds, manifest.label_input: labels, **values})[0])
+
+    worst = 0.0
+    for name, grad in grads.items():
+        direction = rng.standard_normal(grad.shape).astype(np.float32)
+        step = 1e-2 * max(1.0, float(np.max(np.abs(base[name]))))
+        plus = loss_at({**base, name: base[name] + step * direction})
+        minus = loss_at({**base, name: base[name] - step * direction})
+        numeric, analytic = (plus - minus) / (2 * step), float(np.sum(grad * direction))
+        error = abs(numeric - analytic) / max(1e-3, abs(analytic), abs(numeric))
+        if error > FINITE_DIFFERENCE_TOLERANCE and abs(numeric - analytic) > 1e-4:
+            raise ValidationFailedError(
+                f"the portable gradient of {name} disagrees with finite differences ({analytic:.6g} vs {numeric:.6g})")
+        worst = max(worst, error)
+    return worst
+
+
+def _validate_ort_training(bundle: Bundle, session, feeds: dict[str, np.ndarray], labels: np.ndarray,
+                           scale: float) -> dict[str, object]:
+    from bitfit.sdk.trainer import OrtTrainingSession
+
+    manifest = bundle.manifest
+    logits_name = manifest.logits_output
     training = onnx.load(str(bundle.file("training_model")), load_external_data=False)
     suffix = "_grad.accumulation.buffer"
     with_grad = {i.name[: -len(suffix)] for i in training.graph.input if i.name.endswith(suffix)}
@@ -83,11 +236,9 @@ def validate_bundle(
             f"gradients are built for {sorted(with_grad ^ trainable)[:5]} against the trainable set; frozen tensors would train"
         )
 
-    rng = np.random.default_rng(0)
-    trainer = TrainingSession(bundle, learning_rate=1e-2)
+    trainer = OrtTrainingSession(bundle, learning_rate=1e-2)
     order = manifest.source["parameter_order"]
     before = trainer.parameter_values(order)
-    labels = example_labels(bundle, ours, rng)
     loss = trainer.train_step(feeds, labels)
     after = trainer.parameter_values(order)
     frozen_changed = [n for n in order if n not in trainable and not np.array_equal(before[n], after[n])]
@@ -108,6 +259,19 @@ def validate_bundle(
             f"the inference model fed the trained tensors differs from the training graph by {train_infer_diff:.3g}"
         )
 
+    return {
+        "frozen_excluded_from_gradients": True,
+        "one_step_frozen_unchanged": True,
+        "one_step_trainable_changed": len(trainable_changed),
+        "first_loss": loss,
+        "inference_vs_training_max_abs_diff": train_infer_diff,
+    }
+
+
+def _validate_per_row(bundle: Bundle, session, feeds: dict[str, np.ndarray], scale: float,
+                      rng: np.random.Generator) -> float | None:
+    manifest = bundle.manifest
+    logits_name = manifest.logits_output
     per_row_diff = None
     batch = next(iter(feeds.values())).shape[0]
     if manifest.per_row and batch > 1:
@@ -123,14 +287,4 @@ def validate_bundle(
         per_row_diff = float(np.max(np.abs(together - apart)))
         if per_row_diff > PER_ROW_TOLERANCE * scale:
             raise ValidationFailedError(f"per-row biases differ from row-by-row runs by {per_row_diff:.3g}")
-    return {
-        "inference_vs_source_max_abs_diff": diff,
-        "tolerance": OUTPUT_TOLERANCE,
-        "frozen_excluded_from_gradients": True,
-        "one_step_frozen_unchanged": True,
-        "one_step_trainable_changed": len(trainable_changed),
-        "first_loss": loss,
-        "inference_vs_training_max_abs_diff": train_infer_diff,
-        "per_row_vs_row_by_row_max_abs_diff": per_row_diff,
-    }
-
+    return per_row_diff

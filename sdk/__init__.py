@@ -23,7 +23,7 @@ _EXPORTS = {
     "Predictor": "predictor", "Prediction": "predictor",
 }
 _ERRORS = (
-    "BitfitError", "BudgetExceededError", "BundleInvalidError", "DeltaCorruptError", "DeltaMismatchError",
+    "BackendUnavailableError", "BitfitError", "BudgetExceededError", "BundleInvalidError", "DeltaCorruptError", "DeltaMismatchError",
     "DeltaNotFoundError", "DecryptionError", "InvalidArgumentError", "InvalidUserDataError", "ProviderUnavailableError",
     "StoreBusyError", "StoreWriteError", "TrainingDivergedError",
 )

@@ -23,16 +23,27 @@ import numpy as np
 from .errors import BundleInvalidError
 
 BUNDLE_FORMAT = "bitfit-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 Task = Literal["classification", "regression", "multilabel", "token-classification", "causal-lm"]
 LossName = Literal["cross-entropy", "mse", "bce-with-logits", "token-cross-entropy"]
 OptimizerName = Literal["adamw", "sgd"]
 TensorRole = Literal["bias", "head-weight", "other"]
+Backend = Literal["portable", "ort-training"]
+BACKENDS: tuple[Backend, ...] = ("portable", "ort-training")
 
-# The file keys a bundle must have; optional ones are listed in the spec.
-REQUIRED_FILES = ("training_model", "eval_model", "optimizer_model", "checkpoint", "inference_model", "weights")
+# The file keys every bundle has; each training backend adds its own (docs/bundle-format.md).
+REQUIRED_FILES = ("inference_model", "weights")
+BACKEND_FILES: dict[str, tuple[str, ...]] = {
+    "portable": ("portable_gradient_model", "portable_eval_model", "portable_optimizer_model"),
+    "ort-training": ("training_model", "eval_model", "optimizer_model", "checkpoint"),
+}
+FORMAT_1_PORTABLE_REASON = (
+    "bundle format 1 predates the portable training model; re-export it with this bitfit "
+    "(bitfit export ...) to train on plain onnxruntime"
+)
 
 
 @dataclass(frozen=True)
@@ -105,12 +116,26 @@ class Manifest:
     ort_version: str = ""
     validation: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    training_backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per backend (``portable``, ``ort-training``): ``{"available": bool, "reason": str}``;
+    the reason says why a backend is missing (format 1 bundles: derived on reading)."""
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
 
     @property
     def logits_output(self) -> str:
         return self.outputs[0].name
+
+    def backend_available(self, backend: str) -> bool:
+        """Whether this bundle has the models of a training backend (see ``training_backends``)."""
+        entry = self.training_backends.get(backend, {})
+        return bool(entry.get("available")) and all(k in self.files for k in BACKEND_FILES.get(backend, ("?",)))
+
+    def backend_reason(self, backend: str) -> str:
+        """Why a backend is not available (empty when it is)."""
+        if self.backend_available(backend):
+            return ""
+        return str(self.training_backends.get(backend, {}).get("reason") or f"the bundle has no {backend} training models")
 
     @property
     def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -134,10 +159,10 @@ class Manifest:
         if raw.get("format") != BUNDLE_FORMAT:
             raise BundleInvalidError(f"manifest.json format is {raw.get('format')!r}, expected {BUNDLE_FORMAT!r}")
         version = raw.get("format_version")
-        if version != BUNDLE_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise BundleInvalidError(
                 f"bundle format_version {version!r} is not supported by this bitfit "
-                f"(reads version {BUNDLE_FORMAT_VERSION}); re-export with a matching bitfit"
+                f"(reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); re-export with a matching bitfit"
             )
         stored = raw.pop("checksum", None)
         if stored is None:
@@ -161,6 +186,11 @@ class Manifest:
                     "text": TextSpec(**raw["text"]) if raw.get("text") else None,
                 }
             )
+            if version == 1:  # format 1: ORT training artifacts only, no portable model
+                manifest.training_backends = {
+                    "portable": {"available": False, "reason": FORMAT_1_PORTABLE_REASON},
+                    "ort-training": {"available": True, "reason": ""},
+                }
         except (KeyError, TypeError, AttributeError) as err:
             raise BundleInvalidError(f"manifest.json is missing or has malformed fields ({err}); re-export the bundle") from err
         manifest._check()
@@ -177,6 +207,7 @@ class Manifest:
             (bool(self.inputs), "no inputs"),
             (isinstance(self.base_fingerprint, str) and self.base_fingerprint.startswith("sha256:"), "bad base_fingerprint"),
             (all(k in self.files for k in REQUIRED_FILES), f"files must list {', '.join(REQUIRED_FILES)}"),
+            (any(self.backend_available(b) for b in BACKENDS), "no training backend's models are listed"),
             (self.labels is None or all(isinstance(x, str) for x in self.labels), "labels must be strings"),
             (self.labels is None or len(set(self.labels)) == len(self.labels), "duplicate label names"),
             (len({t.name for t in self.trainable}) == len(self.trainable), "duplicate trainable tensor names"),
@@ -242,6 +273,9 @@ _FIELD_TYPES = {
     "labels": lambda x: x is None or (isinstance(x, list) and all(isinstance(n, str) for n in x)),
     "ignore_index": lambda x: x is None or type(x) is int, "label_input": _is_name,
     "opset": _is_int, "ort_version": lambda x: isinstance(x, str), "created": lambda x: isinstance(x, str),
+    "training_backends": lambda x: isinstance(x, dict) and all(
+        k in BACKENDS and isinstance(v, dict) and type(v.get("available")) is bool and isinstance(v.get("reason", ""), str)
+        for k, v in x.items()),
 }
 
 

@@ -78,6 +78,12 @@ class ProviderUnavailableError(BitfitError):
     """An execution provider that was required is not available in this onnxruntime build."""
 
 
+class BackendUnavailableError(BitfitError):
+    """The training backend that was asked for cannot run here: the bundle lacks its model
+    (e.g. a format-1 bundle has no portable training model) or the installed onnxruntime
+    lacks its API (plain onnxruntime has no ``onnxruntime.training``)."""
+
+
 class DecryptionError(DeltaCorruptError):
     """An encrypted delta could not be authenticated: wrong key, or the file was altered."""
 

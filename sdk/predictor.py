@@ -29,7 +29,7 @@ from .bundle import Bundle
 from .data import TextEncoder, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
-from .ort_training import ort
+from .runtime import ort
 from .store import DeltaStore
 
 log = logging.getLogger("bitfit.sdk")

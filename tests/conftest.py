@@ -39,7 +39,7 @@ def _check_bundle(bundle, *, trainable: list[str] | None = None, weights: dict[s
     import onnx
 
     from bitfit.sdk.bundle import Bundle, fingerprint_tensors
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     manifest = bundle.manifest
     reopened = Bundle.open(bundle.path)  # re-hashes every listed file

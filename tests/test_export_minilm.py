@@ -57,7 +57,7 @@ def test_minilm_bundle(minilm_bundle, torch_minilm, check_bundle):
 def test_minilm_inference_matches_torch_and_is_per_row(minilm_bundle, torch_minilm, encoded):
     import torch
 
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     session = ort.InferenceSession(str(minilm_bundle.file("inference_model")), providers=["CPUExecutionProvider"])
     ours = session.run(["logits"], encoded)[0]

@@ -21,7 +21,7 @@ from bitfit.export.repairs import (
     split_shared_biases,
 )
 from bitfit.sdk.errors import UnsupportedModelError
-from bitfit.sdk.ort_training import ort
+from bitfit.sdk.runtime import ort
 
 F = TensorProto.FLOAT
 

@@ -228,7 +228,7 @@ def test_external_data_outside_the_bundle_is_refused(numeric_bundle, tmp_path, l
 
 def test_onnxruntime_itself_would_follow_an_escaping_location(numeric_bundle, tmp_path):
     """Why the check exists: ORT 1.19.2 reads ``../outside.bin`` without complaint."""
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
 
     bundle_dir = rf.copy_bundle(numeric_bundle, tmp_path / "b")
     (tmp_path / "outside.bin").write_bytes((bundle_dir / "weights.safetensors").read_bytes())

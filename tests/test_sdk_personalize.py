@@ -428,7 +428,7 @@ def test_threads_option_trains_the_same_delta(text_bundle, tmp_path):
 
 def test_training_session_takes_session_options_for_profiling(text_bundle, tmp_path):
     from bitfit.sdk.data import TextEncoder, batches, load_examples
-    from bitfit.sdk.ort_training import ort
+    from bitfit.sdk.runtime import ort
     from bitfit.sdk.trainer import TrainingSession
 
     bundle = Bundle.open(text_bundle)

@@ -12,7 +12,7 @@ from bitfit.sdk.errors import (
     BitfitError, DeltaCorruptError, DeltaMismatchError, InvalidUserDataError, ProviderUnavailableError,
 )
 from bitfit.sdk.predictor import resolve_providers
-from bitfit.sdk.ort_training import ort
+from bitfit.sdk.runtime import ort
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
 from sdk_fixtures import PROBE_LABELS, PROBES, QUICK, delta_file, numeric_data, text_data
