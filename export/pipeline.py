@@ -43,7 +43,7 @@ log = logging.getLogger("bitfit.export")
 BITFIT_VERSION = "0.2.0"
 OrtTrainingArtifacts = Literal["auto", "required", "never"]
 NO_TRAINING_API = (
-    "onnxruntime-training is not installed where this bundle was exported (plain onnxruntime has no "
+    "onnxruntime-training was not installed where this bundle was exported (plain onnxruntime has no "
     "gradient builder); export with `pip install 'bitfit[export,ort-training]'` for these artifacts"
 )
 # What ORT 1.19.2's optimizer models compute (checked against onnxblock's AdamW/SGD blocks and
@@ -138,7 +138,10 @@ def export_bundle(
     if ort_training not in ("auto", "required", "never"):
         raise ExportError(f"unknown ort_training {ort_training!r}: use auto, required or never")
     if ort_training == "required" and not has_training_api():
-        raise BackendUnavailableError(f"ort_training='required' but {NO_TRAINING_API}")
+        raise BackendUnavailableError(
+            "ort_training='required' but this environment has plain onnxruntime, without the gradient builder of "
+            "onnxruntime-training: install `pip install 'bitfit[export,ort-training]'` (not beside plain onnxruntime), "
+            "or pass ort_training='auto' for a portable-only bundle")
     write_ort_training = ort_training != "never" and has_training_api()
     started = time.perf_counter()
     src = resolve_source(model, example_inputs=example_inputs, labels=labels, hf_task=hf_task, max_length=max_length)

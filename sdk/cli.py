@@ -1,7 +1,7 @@
 """The ``bitfit`` command.
 
     bitfit export MODEL OUT [--labels a,b,c] [--policy all-biases] [--hf-task T] ...   (workstation)
-    bitfit personalize BUNDLE --user U --data FILE [--store DIR] [--epochs N] ...
+    bitfit personalize BUNDLE --user U --data FILE [--store DIR] [--epochs N] [--backend auto|portable|ort-training] ...
     bitfit predict BUNDLE [--user U] TEXT...
     bitfit deltas STORE {list,show,rollback,rm} [--user U] [--version N]
     bitfit info BUNDLE
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--encoding", default="fp16", choices=["fp32", "fp16", "int8"])
     pe.add_argument("--threads", type=int)
     pe.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pe.add_argument("--backend", default="auto", choices=["auto", "portable", "ort-training"],
+                    help="training backend: portable (plain onnxruntime) or ort-training (onnxruntime-training "
+                         "1.19.2); auto takes portable where the bundle has it")
     pe.add_argument("--reset", action="store_true", help="start from the base instead of the user's current delta")
 
     pr = sub.add_parser("predict", help="predict with the base model or a user's delta")
@@ -127,14 +130,14 @@ def _info(args: argparse.Namespace) -> int:
 def _personalize(args: argparse.Namespace) -> int:
     from .personalizer import Personalizer
 
-    p = Personalizer(args.bundle, args.store, device=args.device, threads=args.threads)
+    p = Personalizer(args.bundle, args.store, device=args.device, threads=args.threads, backend=args.backend)
     r = p.personalize(
         args.data, user=args.user, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         holdout=args.holdout, max_steps=args.max_steps, max_seconds=args.max_seconds, seed=args.seed,
         encoding=args.encoding, reset=args.reset,
     )
     print(f"user {r.user}: version {r.version}, {r.delta_bytes:,} bytes ({r.encoding}), {r.steps} steps in {r.seconds:.1f}s "
-          f"on {r.examples_used} examples (stopped by {r.stopped_by})")
+          f"on {r.examples_used} examples (stopped by {r.stopped_by}, backend {r.backend})")
     if r.accuracy_before is not None:
         print(f"  holdout ({r.holdout_examples}): accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f}, "
               f"loss {r.loss_before:.4f} -> {r.loss_after:.4f}")

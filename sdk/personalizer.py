@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from .errors import (
 )
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
-from .trainer import Device, TrainingSession
+from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTrainingSession, open_training_session
 
 log = logging.getLogger("bitfit.sdk")
 
@@ -73,6 +73,8 @@ class PersonalizeResult:
     kept_epoch: int = -1
     """The epoch whose biases were saved: the best on the holdout; 0 means no epoch beat the
     starting point, so the starting biases were kept (the new version equals the previous one)."""
+    backend: str = ""
+    """The training backend that ran: ``portable`` or ``ort-training``."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +87,9 @@ class Personalizer:
         bundle: a bundle directory (or an opened Bundle).
         store: where deltas live: a path, a DeltaStore, or None for the platform's data dir.
         device: "cpu" (default) or "cuda" for training.
+        backend: the training backend: "auto" (default: ``portable`` where the bundle has its
+            models, else ``ort-training``), "portable" (plain onnxruntime) or "ort-training"
+            (onnxruntime-training 1.19.2); see ``bitfit.sdk.trainer.open_training_session``.
         providers: execution providers for inference ("auto", "cpu", or a list).
         threads: intra-op threads for training and inference (None = ORT's default).
         key: AES key to encrypt deltas at rest (see docs/security.md).
@@ -98,6 +103,7 @@ class Personalizer:
         store: DeltaStore | str | os.PathLike | None = None,
         *,
         device: Device = "cpu",
+        backend: BackendChoice = "auto",
         providers: str | Sequence[Any] = "auto",
         threads: int | None = None,
         key: bytes | None = None,
@@ -113,7 +119,10 @@ class Personalizer:
                 "with key=..., or pass the store as a path"
             )
         self.store = store if isinstance(store, DeltaStore) else DeltaStore(store, key=key)
+        if backend not in get_args(BackendChoice):
+            raise InvalidArgumentError(f"backend must be one of {', '.join(map(repr, get_args(BackendChoice)))}, got {backend!r}")
         self.device = device
+        self.backend = backend
         self.threads = threads
         self._predictor_options = {"providers": providers, "threads": threads, "on_bad_delta": on_bad_delta}
         if graph_optimization:
@@ -197,8 +206,8 @@ class Personalizer:
         train, held = examples.subset(train_index), examples.subset(holdout_index)
         start = None if reset else self._start_delta(user)
         start_values = start.apply_to(self.base_trainable) if start is not None else None
-        session = TrainingSession(self.bundle, start=start_values, device=self.device, threads=self.threads,
-                                  learning_rate=learning_rate)
+        session = open_training_session(self.bundle, backend=self.backend, start=start_values, device=self.device,
+                                        threads=self.threads, learning_rate=learning_rate)
         expected_inputs = {i.name for i in manifest.inputs} | {manifest.label_input}
         if set(session.input_names) != expected_inputs:  # a damaged manifest would fail inside ORT
             raise BundleInvalidError(
@@ -276,6 +285,7 @@ class Personalizer:
             "stopped_by": stop, "metrics": {"loss_before": loss_before, "loss_after": loss_after,
                                             "accuracy_before": acc_before, "accuracy_after": acc_after},
             "started_from": "previous-delta" if start is not None else "base", "kept_epoch": kept_epoch,
+            "backend": session.backend,
         }
         delta = Delta.from_params(trained, self.base_trainable, manifest.base_fingerprint, encoding=encoding, info=info)
         version = self.store.save(user, delta)
@@ -287,10 +297,10 @@ class Personalizer:
             duplicates_removed=examples.duplicates_removed, loss_before=loss_before, loss_after=loss_after,
             accuracy_before=acc_before, accuracy_after=acc_after, stopped_by=stop,  # type: ignore[arg-type]
             started_from=info["started_from"],  # type: ignore[arg-type]
-            kept_epoch=kept_epoch,
+            kept_epoch=kept_epoch, backend=session.backend,
         )
 
-    def _evaluate(self, session: TrainingSession, held: Examples) -> tuple[float | None, float | None]:
+    def _evaluate(self, session: PortableTrainingSession | OrtTrainingSession, held: Examples) -> tuple[float | None, float | None]:
         """Mean loss and accuracy (classification) over the holdout, through the eval model."""
         if len(held) == 0:
             return None, None

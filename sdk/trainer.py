@@ -1,43 +1,130 @@
-"""The local training loop's engine: one ONNX Runtime training session over a bundle's
-artifacts, with a fresh checkpoint state every time.
+"""The local training loop's engine: one training-session interface, two backends.
 
-Why fresh: AdamW's moments live in the CheckpointState, and re-creating the Optimizer
-does not reset them, so reusing a state for user B after user A changes B's updates
-(measured max diff 1.8e-3). A new state per session matched exactly.
+- ``portable`` (:class:`~bitfit.sdk.portable_trainer.PortableTrainingSession`): the bundle's
+  portable gradient and optimizer models run by plain onnxruntime's inference API; any
+  maintained onnxruntime, bundle format 2 (docs/portable-training.md).
+- ``ort-training`` (:class:`OrtTrainingSession`): onnxruntime-training 1.19.2's on-device
+  training API over the bundle's training artifacts. Its import stays inside the class, so
+  this module (and the SDK) loads on plain onnxruntime.
+
+:func:`open_training_session` picks one (``backend="auto"``: portable where the bundle has
+it) and says why when neither can run. Every session starts fresh: its optimizer state
+(AdamW's moments) belongs to it alone.
 
 Example:
     >>> from bitfit.sdk.bundle import Bundle
-    >>> from bitfit.sdk.trainer import TrainingSession
-    >>> session = TrainingSession(Bundle.open("bundles/tiny"))          # doctest: +SKIP
-    >>> loss = session.train_step(feeds, labels)                          # doctest: +SKIP
+    >>> from bitfit.sdk.trainer import open_training_session
+    >>> session = open_training_session(Bundle.open("bundles/tiny"))            # doctest: +SKIP
+    >>> session.backend                                                           # doctest: +SKIP
+    'portable'
+    >>> loss = session.train_step(feeds, labels)                                  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleInvalidError, ProviderUnavailableError
-from .ort_training import OrtValue, ort, training_api
+from .errors import BackendUnavailableError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError
+from .portable_trainer import Device, PortableTrainingSession
+from .runtime import cuda_available, has_training_api, ort
 
-Device = Literal["cpu", "cuda"]
+BackendChoice = Literal["auto", "portable", "ort-training"]
+_ORT_TRAINING_HINT = (
+    "the 'ort-training' backend needs onnxruntime-training-cpu==1.19.2 (`pip install 'bitfit[ort-training]'`, "
+    "not beside plain onnxruntime)"
+)
 
 
-def cuda_available() -> bool:
-    """Whether this onnxruntime build can run on CUDA here."""
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+def open_training_session(
+    bundle: Bundle | str | os.PathLike,
+    *,
+    backend: BackendChoice = "auto",
+    start: Mapping[str, np.ndarray] | None = None,
+    device: Device = "cpu",
+    threads: int | None = None,
+    learning_rate: float | None = None,
+    session_options: "ort.SessionOptions | None" = None,
+    providers: str | Sequence[Any] | None = None,
+) -> "PortableTrainingSession | OrtTrainingSession":
+    """A training session over ``bundle`` with the backend asked for, or the best one here.
+
+    ``"auto"`` takes ``portable`` when the bundle has its models, else ``ort-training`` when
+    the bundle has its artifacts and this onnxruntime is the training build. The session's
+    ``backend`` attribute says which one runs. The other arguments are the sessions' own.
+
+    Raises:
+        BackendUnavailableError: the backend asked for (or, for "auto", every backend) cannot
+            run: the message gives each reason and what to install or re-export.
+        InvalidArgumentError: an unknown ``backend``.
+
+    Example:
+        >>> open_training_session("bundles/tiny", backend="tpu")
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidArgumentError: backend must be one of 'auto', 'portable', 'ort-training', got 'tpu'
+        >>> open_training_session("bundles/tiny", backend="portable").backend            # doctest: +SKIP
+        'portable'
+    """
+    if backend not in get_args(BackendChoice):
+        raise InvalidArgumentError(f"backend must be one of {', '.join(map(repr, get_args(BackendChoice)))}, got {backend!r}")
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    manifest = bundle.manifest
+    kwargs: dict[str, Any] = {"start": start, "device": device, "threads": threads, "learning_rate": learning_rate,
+                              "session_options": session_options, "providers": providers}
+    if backend == "portable" or (backend == "auto" and manifest.backend_available("portable")):
+        return PortableTrainingSession(bundle, **kwargs)
+    ort_training_reason = _ort_training_unavailable(bundle)
+    if not ort_training_reason:
+        return OrtTrainingSession(bundle, **kwargs)
+    if backend == "ort-training":
+        raise BackendUnavailableError(f"the 'ort-training' backend cannot run here: {ort_training_reason}")
+    raise BackendUnavailableError(
+        f"no training backend can run this bundle here. portable: {manifest.backend_reason('portable')}. "
+        f"ort-training: {ort_training_reason}. Re-export the bundle with this bitfit (it writes the portable models), "
+        "or train where onnxruntime-training is installed"
+    )
 
 
-class TrainingSession:
-    """Trains a bundle's trainable tensors, starting from base + an optional delta.
+def _ort_training_unavailable(bundle: Bundle) -> str:
+    """Why the ort-training backend cannot run ``bundle`` here ('' when it can)."""
+    if not bundle.manifest.backend_available("ort-training"):
+        return (f"{bundle.manifest.backend_reason('ort-training')}; use backend='portable', or re-export the bundle "
+                "with the ORT training artifacts")
+    if not has_training_api():
+        return f"onnxruntime {ort.__version__} has no on-device training API (onnxruntime.training): {_ORT_TRAINING_HINT}"
+    return ""
+
+
+class OrtTrainingSession:
+    """Trains a bundle's trainable tensors with onnxruntime-training 1.19.2's training API,
+    starting from base + an optional delta.
+
+    Why a fresh checkpoint state every time: AdamW's moments live in the CheckpointState, and
+    re-creating the Optimizer does not reset them, so reusing a state for user B after user A
+    changes B's updates (measured max diff 1.8e-3). A new state per session matched exactly.
 
     ``start`` maps trainable names to the values to start from (base + the user's current
     delta); missing names start from the base. ``session_options`` (an
     ``onnxruntime.SessionOptions``) is passed to ORT as is, e.g. to profile a step.
+    ``providers`` may only name CPU and CUDA here (the training API takes a device);
+    other execution providers need the portable backend.
+
+    Raises:
+        BackendUnavailableError: the bundle has no ORT training artifacts, or this
+            onnxruntime is not the training build.
+
+    Example:
+        >>> session = OrtTrainingSession(Bundle.open("bundles/tiny"))          # doctest: +SKIP
+        >>> session.backend                                                     # doctest: +SKIP
+        'ort-training'
     """
+
+    backend = "ort-training"
 
     def __init__(
         self,
@@ -48,14 +135,21 @@ class TrainingSession:
         threads: int | None = None,
         learning_rate: float | None = None,
         session_options: "ort.SessionOptions | None" = None,
+        providers: str | Sequence[Any] | None = None,
     ) -> None:
+        reason = _ort_training_unavailable(bundle)
+        if reason:
+            raise BackendUnavailableError(f"the 'ort-training' backend cannot run here: {reason}")
+        from .ort_training import training_api  # here: plain onnxruntime has no training API
+
+        device = _device_for_providers(device, providers)
+        if device not in ("cpu", "cuda"):
+            raise ProviderUnavailableError(f"unknown training device {device!r}: use 'cpu' or 'cuda'")
         if device == "cuda" and not cuda_available():
             raise ProviderUnavailableError(
                 "device='cuda' was asked for but this onnxruntime build has no CUDA provider; "
                 "use device='cpu' or install the CUDA build of onnxruntime-training"
             )
-        if device not in ("cpu", "cuda"):
-            raise ProviderUnavailableError(f"unknown training device {device!r}: use 'cpu' or 'cuda'")
         self.bundle = bundle
         manifest = bundle.manifest
         # Caller's options (e.g. enable_profiling for a profile of the train step) or defaults.
@@ -99,6 +193,8 @@ class TrainingSession:
         from safetensors import SafetensorError
         from safetensors.numpy import safe_open
 
+        from .ort_training import OrtValue
+
         buffer = np.empty(self.module.get_parameters_size(trainable_only=False), np.float32)
         offset = 0
         try:
@@ -117,6 +213,7 @@ class TrainingSession:
         self.module.copy_buffer_to_parameters(value._ortvalue, trainable_only=False)
 
     def set_learning_rate(self, value: float) -> None:
+        """Set the learning rate of the following steps."""
         self.optimizer.set_learning_rate(float(value))
 
     def _args(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
@@ -149,3 +246,29 @@ class TrainingSession:
     def parameter_values(self, names: list[str]) -> dict[str, np.ndarray]:
         """Any parameters' current values (copies), trainable or frozen."""
         return {name: np.array(self.state.parameters[name].data) for name in names}
+
+
+TrainingSession = OrtTrainingSession
+"""The old name of :class:`OrtTrainingSession`; new code calls :func:`open_training_session`."""
+
+
+def _device_for_providers(device: str, providers: str | Sequence[Any] | None) -> str:
+    """The training API's device for a ``providers`` choice: only CPU and CUDA exist there."""
+    if providers is None:
+        return device
+    if isinstance(providers, str):
+        names = [providers]
+    else:
+        names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+    names = [{"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(n, n) for n in names]
+    other = [n for n in names if n not in ("CPUExecutionProvider", "CUDAExecutionProvider")]
+    if other:
+        raise ProviderUnavailableError(
+            f"the 'ort-training' backend runs on CPU or CUDA only, not {other}; use backend='portable' for other "
+            "execution providers"
+        )
+    return "cuda" if "CUDAExecutionProvider" in names else "cpu"
+
+
+__all__ = ["open_training_session", "OrtTrainingSession", "TrainingSession", "PortableTrainingSession", "BackendChoice",
+           "Device", "cuda_available"]
