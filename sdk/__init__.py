@@ -21,10 +21,11 @@ _EXPORTS = {
     "DeltaStore": "store",
     "Personalizer": "personalizer", "PersonalizeResult": "personalizer", "Progress": "personalizer",
     "Predictor": "predictor", "Prediction": "predictor",
+    "open_training_session": "trainer", "PortableTrainingSession": "portable_trainer", "OrtTrainingSession": "trainer",
 }
 _ERRORS = (
     "BackendUnavailableError", "BitfitError", "BudgetExceededError", "BundleInvalidError", "DeltaCorruptError", "DeltaMismatchError",
-    "DeltaNotFoundError", "DecryptionError", "InvalidArgumentError", "InvalidUserDataError", "ProviderUnavailableError",
+    "DeltaNotFoundError", "DecryptionError", "InvalidArgumentError", "InvalidUserDataError", "ProviderUnavailableError", "ResourceExhaustedError",
     "StoreBusyError", "StoreWriteError", "TrainingDivergedError",
 )
 _EXPORTS.update({name: "errors" for name in _ERRORS})

@@ -426,6 +426,31 @@ class Bundle:
         except (SafetensorError, OSError, KeyError) as err:
             raise BundleInvalidError(f"cannot read the bundle's weights ({err}); re-export the bundle") from err
 
+    def file_problems(self, keys: list[str]) -> list[str]:
+        """What is wrong with the listed files (missing, size, sha256 against the manifest); [] if intact.
+
+        Used to tell a damaged bundle from other load failures (memory, providers) after
+        onnxruntime refused a model.
+
+        Example:
+            >>> Bundle(Path("/nonexistent"), None).file_problems([])
+            []
+        """
+        problems = []
+        for key in keys:
+            entry = self.manifest.files.get(key)
+            if entry is None:
+                problems.append(f"the manifest lists no {key}")
+                continue
+            path = _inside(self.path, entry.path)
+            if not path.is_file():
+                problems.append(f"{entry.path} is missing")
+            elif path.stat().st_size != entry.bytes:
+                problems.append(f"{entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}")
+            elif sha256_file(path) != entry.sha256:
+                problems.append(f"{entry.path} does not match its sha256 in the manifest")
+        return problems
+
     def trainable_base(self) -> dict[str, np.ndarray]:
         """The base values of the trainable tensors, in manifest order."""
         return self.base_weights([t.name for t in self.manifest.trainable])

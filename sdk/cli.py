@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     ex.add_argument("--max-length", type=int, default=128)
     ex.add_argument("--ort-format", action="store_true", help="also write ORT-format artifacts for mobile runtimes")
+    ex.add_argument("--ort-training", default="auto", choices=["auto", "required", "never"],
+                    help="onnxruntime-training 1.19.2 artifacts beside the portable model: where installed (auto), "
+                         "demanded (required), or not (never)")
     ex.add_argument("--overwrite", action="store_true")
 
     pe = sub.add_parser("personalize", help="train a user's biases on their examples and save a delta")
@@ -101,7 +104,7 @@ def _export(args: argparse.Namespace) -> int:
         args.model, args.out, labels=args.labels.split(",") if args.labels else None, policy=args.policy,
         include=args.include or None, exclude=args.exclude or None, task=args.task, hf_task=args.hf_task,
         loss=args.loss, optimizer=args.optimizer, max_length=args.max_length, ort_format=args.ort_format,
-        overwrite=args.overwrite,
+        ort_training=args.ort_training, overwrite=args.overwrite,
     )
     _print_info(bundle)
     return 0
@@ -113,11 +116,18 @@ def _print_info(bundle: Any) -> None:
     print(f"  task {m.task}, loss {m.loss}, optimizer {m.optimizer}, labels {m.labels}")
     print(f"  trainable: {len(m.trainable)} tensors, {m.policy['trainable_values']:,} of {m.policy['total_values']:,} "
           f"values ({100 * m.policy['fraction']:.3f}%), policy {m.policy['name']}, per-row {m.per_row}")
-    print(f"  base fingerprint {m.base_fingerprint[:23]}...")
+    print(f"  base fingerprint {m.base_fingerprint[:23]}..., format {m.format_version}")
+    for backend in ("portable", "ort-training"):
+        print(f"  training backend {backend}: " + ("yes" if m.backend_available(backend) else f"no ({m.backend_reason(backend)})"))
     v = m.validation
     if v:
-        print(f"  validated: inference vs source {v.get('inference_vs_source_max_abs_diff', float('nan')):.2e}, "
-              f"frozen unchanged by a step: {v.get('one_step_frozen_unchanged')}")
+        print(f"  validated: inference vs source {v.get('inference_vs_source_max_abs_diff', float('nan')):.2e}")
+        portable = v.get("portable")
+        if isinstance(portable, dict):
+            print(f"  portable gradients vs {portable.get('gradient_reference')}: worst error "
+                  f"{portable.get('worst_gradient_error_relative', float('nan')):.2e} of the largest gradient")
+        if "one_step_frozen_unchanged" in v:
+            print(f"  ort-training: frozen tensors unchanged by a step: {v.get('one_step_frozen_unchanged')}")
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -84,6 +84,11 @@ class BackendUnavailableError(BitfitError):
     lacks its API (plain onnxruntime has no ``onnxruntime.training``)."""
 
 
+class ResourceExhaustedError(BitfitError, MemoryError):
+    """onnxruntime ran out of memory (host or device) loading or running a model: use a smaller
+    batch or sequence length, fewer threads, or free memory; the bundle and the data are fine."""
+
+
 class DecryptionError(DeltaCorruptError):
     """An encrypted delta could not be authenticated: wrong key, or the file was altered."""
 

@@ -29,10 +29,9 @@ import numpy as np
 from .bundle import Bundle, sha256_file
 from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, InvalidUserDataError,
-    ProviderUnavailableError,
+    ProviderUnavailableError, ResourceExhaustedError,
 )
-from .predictor import resolve_providers
-from .runtime import cuda_available, ort
+from .runtime import cuda_available, is_out_of_memory, ort, resolve_providers
 
 Device = Literal["cpu", "cuda"]
 
@@ -70,7 +69,7 @@ class PortableTrainingSession:
         learning_rate: the optimizer's learning rate (None = 1e-3, ORT's default).
         session_options: an ``onnxruntime.SessionOptions`` used as is for the three sessions.
         providers: execution providers instead of ``device`` (names or ``(name, options)``
-            pairs, CPU always appended), as :func:`bitfit.sdk.predictor.resolve_providers`
+            pairs, CPU always appended), as :func:`bitfit.sdk.runtime.resolve_providers`
             takes them.
 
     Raises:
@@ -159,6 +158,8 @@ class PortableTrainingSession:
         onnxruntime too old or too small for the model's opset and ops.
         """
         detail = f"{type(err).__name__}: {str(err).strip()[:400]}"
+        if is_out_of_memory(err):
+            return ResourceExhaustedError(f"onnxruntime ran out of memory loading the bundle's {key} ({detail}); free memory and retry")
         damaged = self._damaged_files(path)
         if damaged:
             return BundleInvalidError(

@@ -29,7 +29,7 @@ from .bundle import Bundle
 from .data import TextEncoder, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
-from .runtime import ort
+from .runtime import ort, resolve_providers
 from .store import DeltaStore
 
 log = logging.getLogger("bitfit.sdk")
@@ -45,46 +45,6 @@ _LEVELS = {
 # Chosen by measurement (benchmarks/run.py, BENCHMARKS.md): with the biases overridable,
 # "all" and "basic" ran within noise of each other on ORT 1.19.2; "all" is never slower.
 DEFAULT_GRAPH_OPTIMIZATION: GraphOptimization = "all"
-
-
-def resolve_providers(providers: str | Sequence[Any] = "auto", *, strict: bool = False) -> list[Any]:
-    """The execution providers to ask ONNX Runtime for, CPU always last as a fallback.
-
-    ``"auto"`` is CUDA when this build has it, else CPU. An explicit list (names, or
-    ``(name, options)`` pairs) is passed through; a provider this build lacks is dropped
-    with a warning, or refused with ProviderUnavailableError when ``strict``.
-
-    Example:
-        >>> resolve_providers("cpu")
-        ['CPUExecutionProvider']
-        >>> resolve_providers(["XNNPACKExecutionProvider"])[-1]       # doctest: +SKIP
-        'CPUExecutionProvider'
-    """
-    available = ort.get_available_providers()
-    if providers == "auto":
-        wanted: list[Any] = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
-    elif providers == "cpu":
-        wanted = []
-    elif providers == "cuda":
-        wanted = ["CUDAExecutionProvider"]
-        strict = True
-    elif isinstance(providers, str):
-        wanted = [providers]
-    else:
-        wanted = list(providers)
-    chosen: list[Any] = []
-    for item in wanted:
-        name = item[0] if isinstance(item, (tuple, list)) else item
-        if name == "CPUExecutionProvider":
-            continue
-        if name not in available:
-            message = f"execution provider {name} is not available in this onnxruntime build (has {available})"
-            if strict:
-                raise ProviderUnavailableError(message + "; install a build with it or use providers='cpu'")
-            warnings.warn(message + "; falling back to CPU", RuntimeWarning, stacklevel=2)
-            continue
-        chosen.append(tuple(item) if isinstance(item, (tuple, list)) else item)
-    return [*chosen, "CPUExecutionProvider"]
 
 
 @dataclass

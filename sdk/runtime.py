@@ -22,8 +22,11 @@ import importlib.util
 import os
 import sys
 import types
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
-from .errors import BitfitError
+from .errors import BitfitError, ProviderUnavailableError
 
 INSTALL_HINT = (
     "install the device runtime with `pip install 'bitfit[device]'` (plain onnxruntime), or "
@@ -68,6 +71,19 @@ def has_training_api() -> bool:
     return importlib.util.find_spec("onnxruntime.training.api") is not None if "onnxruntime.training" in sys.modules else False
 
 
+_OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory", "out of memory", "OutOfMemory", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether an onnxruntime failure is an allocation failure (host or device memory).
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("std::bad_alloc")), is_out_of_memory(RuntimeError("bad shape"))
+        (True, False)
+    """
+    return isinstance(err, MemoryError) or any(s in str(err) for s in _OUT_OF_MEMORY)
+
+
 def cuda_available() -> bool:
     """Whether this onnxruntime build can run on CUDA here.
 
@@ -78,4 +94,44 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-__all__ = ["ort", "has_training_api", "cuda_available", "INSTALL_HINT"]
+def resolve_providers(providers: str | Sequence[Any] = "auto", *, strict: bool = False) -> list[Any]:
+    """The execution providers to ask ONNX Runtime for, CPU always last as a fallback.
+
+    ``"auto"`` is CUDA when this build has it, else CPU. An explicit list (names, or
+    ``(name, options)`` pairs) is passed through; a provider this build lacks is dropped
+    with a warning, or refused with ProviderUnavailableError when ``strict``.
+
+    Example:
+        >>> resolve_providers("cpu")
+        ['CPUExecutionProvider']
+        >>> resolve_providers(["XNNPACKExecutionProvider"])[-1]       # doctest: +SKIP
+        'CPUExecutionProvider'
+    """
+    available = ort.get_available_providers()
+    if providers == "auto":
+        wanted: list[Any] = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+    elif providers == "cpu":
+        wanted = []
+    elif providers == "cuda":
+        wanted = ["CUDAExecutionProvider"]
+        strict = True
+    elif isinstance(providers, str):
+        wanted = [providers]
+    else:
+        wanted = list(providers)
+    chosen: list[Any] = []
+    for item in wanted:
+        name = item[0] if isinstance(item, (tuple, list)) else item
+        if name == "CPUExecutionProvider":
+            continue
+        if name not in available:
+            message = f"execution provider {name} is not available in this onnxruntime build (has {available})"
+            if strict:
+                raise ProviderUnavailableError(message + "; install a build with it or use providers='cpu'")
+            warnings.warn(message + "; falling back to CPU", RuntimeWarning, stacklevel=2)
+            continue
+        chosen.append(tuple(item) if isinstance(item, (tuple, list)) else item)
+    return [*chosen, "CPUExecutionProvider"]
+
+
+__all__ = ["ort", "has_training_api", "cuda_available", "resolve_providers", "is_out_of_memory", "INSTALL_HINT"]

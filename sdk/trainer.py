@@ -28,10 +28,13 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import BackendUnavailableError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError
+from .bundle import BACKEND_FILES, Bundle
+from .errors import (
+    BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError,
+    ResourceExhaustedError,
+)
 from .portable_trainer import Device, PortableTrainingSession
-from .runtime import cuda_available, has_training_api, ort
+from .runtime import cuda_available, has_training_api, is_out_of_memory, ort
 
 BackendChoice = Literal["auto", "portable", "ort-training"]
 _ORT_TRAINING_HINT = (
@@ -166,7 +169,7 @@ class OrtTrainingSession:
         except BundleInvalidError:
             raise
         except Exception as err:  # ORT raises RuntimeError / Fail / InvalidGraph
-            raise BundleInvalidError(f"onnxruntime cannot load the bundle's training artifacts ({err}); re-export the bundle") from err
+            raise _load_error(bundle, device, "training artifacts", err) from err
         order = manifest.source.get("parameter_order")
         if not order:
             raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
@@ -176,7 +179,7 @@ class OrtTrainingSession:
         try:
             self.optimizer = training_api.Optimizer(str(bundle.file("optimizer_model")), self.module)
         except Exception as err:
-            raise BundleInvalidError(f"onnxruntime cannot load the bundle's optimizer model ({err}); re-export the bundle") from err
+            raise _load_error(bundle, device, "optimizer model", err) from err
         self.trainable = [t.name for t in manifest.trainable]
         self.input_names = list(self.module.input_names())
         if learning_rate is not None:
@@ -246,6 +249,21 @@ class OrtTrainingSession:
     def parameter_values(self, names: list[str]) -> dict[str, np.ndarray]:
         """Any parameters' current values (copies), trainable or frozen."""
         return {name: np.array(self.state.parameters[name].data) for name in names}
+
+
+def _load_error(bundle: Bundle, device: str, what: str, err: Exception) -> BitfitError:
+    """The real cause of an ORT-training load failure: memory, damaged files, the CUDA
+    provider, or (files intact, CPU) a bundle this onnxruntime refuses."""
+    detail = f"{type(err).__name__}: {str(err).strip()[:300]}"
+    if is_out_of_memory(err):
+        return ResourceExhaustedError(f"onnxruntime ran out of memory loading the bundle's {what} ({detail}); free memory and retry")
+    problems = bundle.file_problems(list(BACKEND_FILES["ort-training"]) + ["weights"])
+    if problems:
+        return BundleInvalidError(f"cannot load the bundle's {what}: {'; '.join(problems)}; copy the bundle again ({detail})")
+    if device == "cuda":
+        return ProviderUnavailableError(f"CUDA could not load the bundle's {what} ({detail}); use device='cpu'")
+    return BundleInvalidError(f"onnxruntime refuses the bundle's {what} although its files match the manifest ({detail}); "
+                              "re-export the bundle with this bitfit")
 
 
 TrainingSession = OrtTrainingSession

@@ -77,7 +77,10 @@ def test_info(text_bundle, text_head_bundle, capsys):
     assert f"bundle {text_bundle}" in out
     assert "task classification, loss cross-entropy, optimizer adamw, labels ['neg', 'pos']" in out
     assert "policy all-biases, per-row True" in out and "trainable: 18 tensors" in out
-    assert "base fingerprint sha256:" in out and "frozen unchanged by a step: True" in out
+    assert "base fingerprint sha256:" in out and "format 2" in out
+    assert "training backend portable: yes" in out and "training backend ort-training: yes" in out
+    assert "portable gradients vs torch-autograd: worst error" in out
+    assert "ort-training: frozen tensors unchanged by a step: True" in out
     code, out, _ = run(capsys, "info", text_head_bundle)
     assert code == 0 and "policy all-biases+head, per-row False" in out
 
