@@ -282,7 +282,9 @@ class _GradientBuilder:
                 mask = self.node("Cast", [keep], "mask", to=onnx.TensorProto.FLOAT)
                 safe = self.node("Where", [keep, LABEL_INPUT, self.const(0, np.int64)], "safe_labels")
             onehot = self.node("OneHot", [safe, depth, self.const([0.0, 1.0])], "onehot", axis=1)
-            count = self.node("ReduceSum", [mask], "count", keepdims=0)
+            # At least 1: a batch whose every label is ignore_index has loss 0 (ORT's loss op)
+            # and must get zero gradients, not 0 / 0.
+            count = self.node("Max", [self.node("ReduceSum", [mask], "count", keepdims=0), self.const(1.0)], "count")
             diff = self.node("Mul", [self.node("Sub", [self.node("Exp", [log_prob]), onehot]),
                                      self.node("Unsqueeze", [mask, self.const([1], np.int64)])])
             seed = self.node("Transpose", [self.node("Div", [diff, count])], "d_logits", perm=[0, 2, 1])
