@@ -289,7 +289,7 @@ MANIFEST_DAMAGE = {
     "not-utf8": lambda text: b"\xff\xfe" + text,
     "json-list": lambda text: b"[1, 2, 3]",
     "other-format": lambda text: text.replace(b'"bitfit-bundle"', b'"other-bundle"'),
-    "future-version": lambda text: text.replace(b'"format_version": 1', b'"format_version": 2'),
+    "future-version": lambda text: text.replace(b'"format_version": 2', b'"format_version": 3'),
     "deeply-nested": lambda text: b"[" * 100_000 + b"]" * 100_000,
     "yaml": lambda text: b"format: bitfit-bundle\nformat_version: 1\n",
     "nul": lambda text: b"\0" * 64,
