@@ -26,8 +26,9 @@ from .data import DEFAULT_MAX_EXAMPLES, Examples, TextEncoder, batches, load_exa
 from .delta import Delta, Encoding, check_delta_fits
 from .errors import (
     BitfitError, BundleInvalidError, DeltaCorruptError, DeltaMismatchError, DeltaNotFoundError, InvalidArgumentError,
-    InvalidUserDataError, TrainingDivergedError,
+    InvalidUserDataError, ResourceExhaustedError, TrainingDivergedError,
 )
+from .runtime import is_out_of_memory
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
 from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTrainingSession, open_training_session
@@ -256,8 +257,13 @@ class Personalizer:
                     stop = "early_stopping"
                     break
         except RuntimeError as err:  # what onnxruntime's training API raises
-            if examples.features is None:  # text we tokenized ourselves: not the caller's data at fault
-                raise
+            if is_out_of_memory(err):
+                raise ResourceExhaustedError(
+                    f"onnxruntime ran out of memory during training ({str(err).strip()[-200:]}); use a smaller "
+                    f"batch_size (now {batch_size}) or shorter inputs. Nothing was saved."
+                ) from err
+            if examples.features is None or "INVALID_ARGUMENT" not in str(err):
+                raise  # text we tokenized ourselves, or not a refused input: not the caller's data at fault
             # Arrays passed in directly can hold values the graph refuses (a token type id its
             # embedding lacks): the caller's data, reported as such. Nothing was saved.
             raise InvalidUserDataError(

@@ -295,8 +295,13 @@ class PortableTrainingSession:
         try:
             return session.run(outputs, feeds)
         except Exception as err:
+            if is_out_of_memory(err):
+                raise ResourceExhaustedError(
+                    f"onnxruntime ran out of memory running a training step ({str(err).strip()[-200:]}); use a smaller "
+                    "batch or shorter inputs, or free memory"
+                ) from err
             if not isinstance(err, _ORT_ERRORS.InvalidArgument):
-                raise  # not the arrays' fault (out of memory, a provider error): onnxruntime's own error
+                raise  # not the arrays' fault (a provider error, a kernel failure): onnxruntime's own error
             # Arrays of the right types and shapes whose values the graph refuses (a token id
             # beyond the embeddings, a sequence longer than the position table).
             raise InvalidUserDataError(

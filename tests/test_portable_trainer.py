@@ -731,3 +731,18 @@ def test_minilm_backends_agree(minilm_bundle) -> None:
     old_values, new_values = (s.trainable_values() for s in sessions)
     for name in old_values:
         np.testing.assert_allclose(new_values[name], old_values[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_out_of_memory_in_a_step_is_resource_exhausted(numeric_bundle, monkeypatch):
+    """An allocation failure inside onnxruntime is reported as memory, not as bad user data."""
+    from bitfit.sdk.errors import ResourceExhaustedError
+    from bitfit.sdk.trainer import open_training_session
+
+    session = open_training_session(numeric_bundle, backend="portable")
+
+    class FakeSession:
+        def run(self, outputs, feeds):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+
+    with pytest.raises(ResourceExhaustedError, match="out of memory"):
+        session._run(FakeSession(), ["loss"], {})
