@@ -104,7 +104,7 @@ class PortableTrainingSession:
             )
         self.bundle = bundle
         self.providers = _providers(device, providers)
-        options = session_options if session_options is not None else ort.SessionOptions()
+        options = session_options if session_options is not None else default_session_options()
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
@@ -393,6 +393,24 @@ def _providers(device: str, providers: str | Sequence[Any] | None) -> list[Any]:
             f"{ort.get_available_providers()}); use device='cpu' or install onnxruntime-gpu instead of onnxruntime"
         )
     return resolve_providers(device)
+
+
+def default_session_options() -> "ort.SessionOptions":
+    """Session options for the portable models when the caller gives none.
+
+    Why no memory pattern: onnxruntime plans one block for every intermediate of a run from
+    the shapes it has seen; for a gradient graph (forward activations kept alive for the
+    backward pass) that plan held far more than the live tensors. Measured for MiniLM at
+    16x64 on onnxruntime 1.32.0: peak RSS 663 MB with the pattern, 443 MB without it, step
+    time unchanged within noise (``benchmarks.memory``).
+
+    Example:
+        >>> default_session_options().enable_mem_pattern
+        False
+    """
+    options = ort.SessionOptions()
+    options.enable_mem_pattern = False
+    return options
 
 
 def _loads_on_cpu(path: Path, options: "ort.SessionOptions") -> bool:
