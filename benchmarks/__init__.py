@@ -9,17 +9,23 @@ One module per measurement; each exposes a function that takes a
 :class:`benchmarks.workspace.Workspace` (a model, its bundle and data) and returns plain
 dicts, so the test suite can run every one of them on a tiny model:
 
-- ``step_time``: train step of the SDK vs PyTorch BitFit / full fine-tuning / head-only.
+- ``step_time``: train step of both SDK training backends (portable, ort-training) vs
+  their own forward pass and PyTorch BitFit / full fine-tuning / head-only.
 - ``memory``: peak RSS of each method, each in its own subprocess (also the worker).
-- ``personalization``: wall time of ``Personalizer.personalize``.
+- ``personalization``: wall time of ``Personalizer.personalize`` with each backend.
 - ``inference``: plain ONNX vs the SDK with a user's delta, user switch, per-row batches.
+- ``device_worker``: the torch-free worker process run by the device venv's Python (the
+  newest plain onnxruntime) that repeats the portable step, forward and inference
+  measurements there, interleaved with the main process's.
 - ``deltas``: delta size and kept accuracy per encoding, bundle size.
 - ``quality``: holdout accuracy per "user" (tweet domain) for every method.
-- ``diagnostics``: ORT profiles and optimized-graph op counts that explain the numbers.
+- ``diagnostics`` / ``profiles``: ORT profiles (per op type, both backends) and
+  optimized-graph op counts that explain the numbers.
 - ``report`` / ``plots``: targets, ``BENCHMARKS.md`` and the PNG plots.
 - ``workspace`` (model, bundle, data), ``torch_recipes`` (the PyTorch baselines),
-  ``sessions``, ``timing`` and ``environment``: what the measurements share.
+  ``batches``, ``sessions``, ``timing`` and ``environment``: what the measurements share.
 
-This package imports nothing at import time: the memory worker must be able to run the
-SDK in a process where torch cannot be imported.
+This package imports nothing at import time: the memory worker and the device worker must
+be able to run the SDK in a process where torch cannot be imported (``batches``,
+``timing``, ``sessions``, ``profiles``, ``inference`` and ``device_worker`` never import it).
 """

@@ -1,4 +1,5 @@
-"""Why the numbers are what they are: ONNX Runtime profiles of the SDK's train step and
+"""Why the numbers are what they are: ONNX Runtime profiles of both training backends' train
+steps (the portable gradient + optimizer models, and the ORT training API's step) and of the
 forward pass, the op mix of the optimized inference graphs (plain vs bundle), and the
 cost of the bundle's per-row rewrite separated from the cost of feeding biases.
 
@@ -29,66 +30,26 @@ from onnx import helper
 
 from bitfit.sdk.ort_training import OrtValue, ort, training_api
 
+from .profiles import part_of, profile_portable_step, summarize_profile
 from .sessions import session_options
 from .timing import interleaved, summary
 from .workspace import Workspace
 
-
-def part_of(node_name: str, op_type: str) -> str:
-    """``backward`` for gradient-graph nodes, ``optimizer`` for accumulators, else ``forward``."""
-    if node_name.startswith("GradientAccumulator") or op_type.startswith("InPlaceAccumulator"):
-        return "optimizer"
-    if "_Grad/" in node_name or op_type.endswith("Grad") or "Grad_" in op_type:
-        return "backward"
-    return "forward"
+__all__ = ["part_of", "summarize_profile", "profile_train_step", "profile_portable", "optimized_graph_ops",
+           "overridable_plain_model", "rewrite_cost"]
 
 
-def summarize_profile(path: str | os.PathLike, skip: int = 1) -> dict[str, Any]:
-    """Per-run milliseconds by part and by (part, op type) from an ORT profile JSON,
-    counting only the node events inside the ``model_run`` windows after the first
-    ``skip`` runs (the first run allocates and prepacks). ``overhead_ms_per_run`` is the
-    run's wall time not spent inside kernels: the executor's per-node cost."""
-    events = json.loads(Path(path).read_text(encoding="utf-8"))
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                  if e.get("cat") == "Session" and e.get("name") == "model_run")[skip:]
-    if not runs:
-        return {"runs": 0}
-    starts = np.array([a for a, _ in runs])
-    ends = np.array([b for _, b in runs])
-
-    def inside(ts: float) -> bool:
-        i = int(np.searchsorted(starts, ts, side="right")) - 1
-        return i >= 0 and ts <= ends[i]
-
-    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and inside(e["ts"])]
-    by_op: dict[tuple[str, str], float] = collections.defaultdict(float)
-    counts: collections.Counter = collections.Counter()
-    for e in nodes:
-        op = e["args"].get("op_name", "?")
-        part = part_of(e["name"][: -len("_kernel_time")], op)
-        by_op[(part, op)] += e["dur"] / 1e3
-        counts[(part, op)] += 1
-    n = len(runs)
-    by_part: dict[str, float] = collections.defaultdict(float)
-    for (part, _), ms in by_op.items():
-        by_part[part] += ms / n
-    run_ms = float(np.median(ends - starts)) / 1e3
-    kernel_ms = sum(by_op.values()) / n
-    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
-    return {
-        "runs": n,
-        "nodes_per_run": len(nodes) // n,
-        "kernel_ms_per_run": kernel_ms,
-        "model_run_ms": run_ms,
-        "overhead_ms_per_run": max(0.0, run_ms - kernel_ms),
-        "by_part_ms": dict(by_part),
-        "top_ops": [{"part": p, "op": o, "ms_per_run": ms / n, "nodes": counts[(p, o)] // n} for (p, o), ms in top],
-        "op_ms": {f"{p}/{o}": ms / n for (p, o), ms in by_op.items()},
-    }
+def profile_portable(ws: Workspace, *, batch: int, seq: int, steps: int = 3) -> dict[str, Any]:
+    """ORT op-type profiles of the portable step (gradient + optimizer models) and of the
+    inference model on one batch, in this process's onnxruntime
+    (:func:`benchmarks.profiles.profile_portable_step`; the device worker runs the same)."""
+    feeds, labels = ws.random_batch(batch, seq, seed=11)
+    return profile_portable_step(ws.bundle.path, feeds, labels, threads=ws.threads, out_dir=ws.work_dir / "profiles",
+                                 steps=steps)
 
 
 def profile_train_step(ws: Workspace, *, batch: int, seq: int, steps: int = 3) -> dict[str, Any]:
-    """ORT profiles of the train step and the forward pass on the same batch."""
+    """ORT profiles of the ort-training backend's train step and the forward pass on the same batch."""
     bundle = ws.bundle
     out_dir = ws.work_dir / "profiles"
     out_dir.mkdir(exist_ok=True)

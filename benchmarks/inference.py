@@ -6,10 +6,16 @@
 - user switch: ``Predictor.user_tensors`` for a cached user, and a batch-1 predict call
   alternating between two users vs always the same one.
 - per-row: one batch whose rows belong to different users vs the same batch for one user.
+- overridable (optional): the plain model with its bias constants turned into overridable
+  graph inputs and fed a user's 1-D biases every call (what ONNX Runtime's constant folding
+  loses when initializers become overridable).
 - rebuild: what a per-user session costs instead (a new ``InferenceSession`` with the
   user's tensors as ``SessionOptions.add_initializer`` + one run) vs switching in the SDK.
 
-The deltas are random (N(0, 0.02) per value): their values do not change any timing.
+The deltas are random (N(0, 0.02) per value): their values do not change any timing. The
+functions need only ``bitfit.sdk`` and numpy (plus a workspace-like object: ``bundle``,
+``threads``, ``plain_onnx``, ``random_batch``), so the torch-free device worker runs them
+on the newest onnxruntime.
 
 Example:
     >>> from benchmarks.inference import LEVELS
@@ -21,18 +27,20 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bitfit.sdk.delta import Delta
-from bitfit.sdk.ort_training import OrtValue, ort
 from bitfit.sdk.predictor import Predictor
+from bitfit.sdk.runtime import ort
 from bitfit.sdk.store import DeltaStore
 
 from .sessions import LEVELS, session_options
 from .timing import interleaved, per_call, summary
-from .workspace import Workspace
+
+if TYPE_CHECKING:  # torch-free at run time: the device worker calls these functions too
+    from .workspace import Workspace
 
 
 def random_user_store(ws: Workspace, root: Path, users: int, seed: int = 0) -> list[str]:
@@ -49,11 +57,16 @@ def random_user_store(ws: Workspace, root: Path, users: int, seed: int = 0) -> l
 
 
 def latency(ws: Workspace, store: Path, *, levels: tuple[str, ...], batches: tuple[int, ...], seq: int,
-            repeats: dict[int, int], pause: float = 0.02) -> list[dict[str, Any]]:
-    """Plain vs SDK (base, user) per level and batch."""
+            repeats: dict[int, int], pause: float = 0.02, plain_overridable: Path | None = None) -> list[dict[str, Any]]:
+    """Plain vs SDK (base, user) per level and batch; with ``plain_overridable`` (see
+    ``benchmarks.diagnostics.overridable_plain_model``) also that model fed a user's biases."""
     rows = []
+    user_1d = {k: (v + 0.01).astype(np.float32) for k, v in ws.bundle.trainable_base().items()}
     for level in levels:
-        plain = ort.InferenceSession(str(ws.plain_onnx), session_options(ws.threads, level), providers=["CPUExecutionProvider"])
+        options = session_options(ws.threads, level)
+        plain = ort.InferenceSession(str(ws.plain_onnx), options, providers=["CPUExecutionProvider"])
+        overridable = (ort.InferenceSession(str(plain_overridable), options, providers=["CPUExecutionProvider"])
+                       if plain_overridable else None)
         predictor = Predictor(ws.bundle, store, graph_optimization=level, threads=ws.threads, providers="cpu")
         predictor.user_tensors("u0")
         for batch in batches:
@@ -63,10 +76,12 @@ def latency(ws: Workspace, store: Path, *, levels: tuple[str, ...], batches: tup
                 "sdk-base": lambda: predictor.logits(feeds, [None] * batch),
                 "sdk-user": lambda: predictor.logits(feeds, ["u0"] * batch),
             }
+            if overridable is not None:
+                fns["plain-overridable+fed"] = lambda: overridable.run(None, {**feeds, **user_1d})
             samples = interleaved(fns, repeats=repeats.get(batch, 10), warmup=2, pause=pause)
             for method, s in samples.items():
                 rows.append({"level": level, "batch": batch, "seq": seq, "method": method, **summary(s)})
-        del plain, predictor
+        del plain, predictor, overridable
     return rows
 
 
@@ -138,7 +153,7 @@ def rebuild_per_user(ws: Workspace, store: Path, users: list[str], *, seq: int, 
     def rebuild() -> None:
         user = next(cycle)
         options = session_options(ws.threads)
-        values = [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in tensors[user].values()]
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in tensors[user].values()]
         for name, value in zip(tensors[user], values):
             options.add_initializer(name, value)
         session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
@@ -155,22 +170,37 @@ def rebuild_per_user(ws: Workspace, store: Path, users: list[str], *, seq: int, 
 def inference_benchmarks(
     ws: Workspace, *, levels: tuple[str, ...] = LEVELS, batches: tuple[int, ...] = (1, 32), seq: int = 64,
     repeats: dict[int, int] | None = None, switch_repeats: int = 7, per_row_repeats: int = 7,
-    rebuild_repeats: int = 4, users: int = 8,
+    rebuild_repeats: int = 4, users: int = 8, device: Any = None,
 ) -> dict[str, Any]:
-    """All inference measurements, with one store of random user deltas."""
+    """All inference measurements, with one store of random user deltas; ``device`` (a
+    :class:`benchmarks.device_worker.DeviceWorker`) repeats the latency (with the
+    overridable-initializer variant) and per-row measurements on the device venv's
+    onnxruntime, under ``"device"``."""
     store = ws.work_dir / "inference-store"
     if store.exists():
         import shutil
 
         shutil.rmtree(store)
     names = random_user_store(ws, store, users)
-    return {
+    repeats = repeats or {1: 30, 32: 8}
+    out = {
         "seq": seq,
-        "latency": latency(ws, store, levels=levels, batches=batches, seq=seq, repeats=repeats or {1: 30, 32: 8}),
+        "onnxruntime": ort.__version__,
+        "latency": latency(ws, store, levels=levels, batches=batches, seq=seq, repeats=repeats),
         "switch": user_switch(ws, store, names, seq=seq, repeats=switch_repeats),
         "per_row": per_row(ws, store, names, batch=max(batches), seq=seq, repeats=per_row_repeats),
         "rebuild": rebuild_per_user(ws, store, names, seq=seq, repeats=rebuild_repeats),
     }
+    if device is not None:
+        from .diagnostics import overridable_plain_model  # onnx: main process only
+
+        variant = overridable_plain_model(ws)
+        out["device"] = {"onnxruntime": device.info["onnxruntime"], **device.call(
+            "inference", store=str(store), users=names, plain=str(ws.plain_onnx),
+            overridable=str(variant) if variant else None, levels=list(levels), batches=list(batches), seq=seq,
+            repeats={str(k): v for k, v in repeats.items()}, per_row_repeats=per_row_repeats,
+            vocab=ws.vocab_size, classes=len(ws.labels))}
+    return out
 
 
 def latency_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -179,5 +209,6 @@ def latency_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         table.setdefault((r["level"], r["batch"]), {})[r["method"]] = r["median"]
     return [{"level": level, "batch": batch, "plain_seconds": m["plain"], "sdk_user_seconds": m["sdk-user"],
-             "sdk_user_vs_plain": m["sdk-user"] / m["plain"], "sdk_base_vs_plain": m["sdk-base"] / m["plain"]}
+             "sdk_user_vs_plain": m["sdk-user"] / m["plain"], "sdk_base_vs_plain": m["sdk-base"] / m["plain"],
+             "overridable_vs_plain": m["plain-overridable+fed"] / m["plain"] if "plain-overridable+fed" in m else None}
             for (level, batch), m in table.items()]

@@ -1,9 +1,15 @@
 """Peak memory (RSS) of each method while it trains, each in its own fresh subprocess,
 and of the SDK at import and after loading a bundle (torch blocked in those processes).
 
+SDK methods: ``sdk-import`` (``import bitfit.sdk`` with its trainer and predictor),
+``sdk-predict`` (``Predictor`` + ``logits``), ``sdk-train-portable`` (the portable
+backend's session + ``train_step``) and ``sdk-train-ort-training`` (the onnxruntime-training
+1.19.2 backend's). The SDK methods can also run under the device venv's Python (the newest
+plain onnxruntime): :func:`peak_memory` takes ``device_python`` and ``device_methods``.
+
 The driver (:func:`peak_memory`) runs this module as a worker:
 
-    python -m benchmarks.memory --method sdk-train --model minilm --bundle DIR --batch 8 --seq 128
+    python -m benchmarks.memory --method sdk-train-portable --model minilm --bundle DIR --batch 8 --seq 128
 
 and reads one JSON line from its stdout. Peaks are the process's RSS high-water mark
 (``VmHWM`` in /proc/self/status), read after each stage, so a stage's value includes
@@ -15,7 +21,7 @@ for reference, where /proc is missing it is the only source.
 Example:
     >>> from benchmarks.memory import METHODS, SDK_METHODS
     >>> [m for m in METHODS if m in SDK_METHODS]
-    ['sdk-import', 'sdk-predict', 'sdk-train']
+    ['sdk-import', 'sdk-predict', 'sdk-train-portable', 'sdk-train-ort-training']
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sdk-import", "sdk-predict", "sdk-train", "torch-bitfit", "torch-full", "torch-head")
-SDK_METHODS = ("sdk-import", "sdk-predict", "sdk-train")
+METHODS = ("sdk-import", "sdk-predict", "sdk-train-portable", "sdk-train-ort-training", "torch-bitfit", "torch-full",
+           "torch-head")
+SDK_METHODS = ("sdk-import", "sdk-predict", "sdk-train-portable", "sdk-train-ort-training")
+TRAIN_BACKENDS = {"sdk-train-portable": "portable", "sdk-train-ort-training": "ort-training"}
 IMPORT_ONLY = ("sdk-import",)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,10 +86,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         import numpy as np
 
         import bitfit.sdk  # noqa: F401  (the measured import)
-        from bitfit.sdk.ort_training import training_api  # noqa: F401  (the training API too)
+        import bitfit.sdk.predictor  # noqa: F401
+        import bitfit.sdk.trainer  # noqa: F401
+        from bitfit.sdk.runtime import ort
 
         stages["after_import"] = _peak_mb()
-        result: dict[str, Any] = {"torch_imported": "torch" in sys.modules}
+        result: dict[str, Any] = {"torch_imported": "torch" in sys.modules, "onnxruntime": ort.__version__,
+                                  "python": ".".join(map(str, sys.version_info[:3]))}
         if args.method == "sdk-import":
             return {**result, "stages": stages, "peak_mb": _peak_mb(), "current_mb": _current_mb(),
                 "ru_maxrss_mb": _ru_maxrss_mb()}
@@ -97,9 +108,10 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.steps):
                 predictor.logits(feeds, [None] * args.batch)
         else:
-            from bitfit.sdk.trainer import TrainingSession
+            from bitfit.sdk.trainer import open_training_session
 
-            session = TrainingSession(bundle, threads=args.threads, learning_rate=1e-6)
+            session = open_training_session(bundle, backend=TRAIN_BACKENDS[args.method], threads=args.threads,  # type: ignore[arg-type]
+                                            learning_rate=1e-6)
             stages["after_load"] = _peak_mb()
             for _ in range(args.steps):
                 session.train_step(feeds, labels)
@@ -126,14 +138,19 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     feeds, labels = _synthetic_batch(args)
     for _ in range(args.steps):
         trainer.step(feeds, labels)
-    return {"torch_imported": True, "torch": torch.__version__, "stages": stages, "peak_mb": _peak_mb(),
+    from bitfit.sdk.runtime import ort
+
+    return {"torch_imported": True, "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "python": ".".join(map(str, sys.version_info[:3])), "stages": stages, "peak_mb": _peak_mb(),
             "current_mb": _current_mb(), "ru_maxrss_mb": _ru_maxrss_mb()}
 
 
 def run_worker(method: str, *, model: str, bundle: str | os.PathLike, batch: int, seq: int, steps: int, threads: int,
-               vocab: int, timeout: float = 900) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter and return its JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.memory", "--method", method, "--model", model, "--bundle", str(bundle),
+               vocab: int, timeout: float = 900, python: str | os.PathLike | None = None,
+               venv: str = "main") -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter (``python``, default this one) and return
+    its JSON result, labelled with ``venv``."""
+    cmd = [str(python or sys.executable), "-m", "benchmarks.memory", "--method", method, "--model", model, "--bundle", str(bundle),
            "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--threads", str(threads),
            "--vocab", str(vocab)]
     env = dict(os.environ)
@@ -142,19 +159,25 @@ def run_worker(method: str, *, model: str, bundle: str | os.PathLike, batch: int
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory worker {method} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"memory worker {method} ({venv} venv) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-    return {**json.loads(line), "method": method, "batch": batch, "seq": seq, "steps": steps,
+    return {**json.loads(line), "method": method, "venv": venv, "batch": batch, "seq": seq, "steps": steps,
             "wall_seconds": time.perf_counter() - started}
 
 
-def peak_memory(ws: Any, shapes: list[tuple[int, int]], *, steps: int, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
-    """Peak RSS of each method at each shape (import-only methods once)."""
+def peak_memory(ws: Any, shapes: list[tuple[int, int]], *, steps: int, methods: tuple[str, ...] = METHODS,
+                device_python: str | os.PathLike | None = None,
+                device_methods: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Peak RSS of each method at each shape (import-only methods once), then of each
+    ``device_methods`` entry under ``device_python`` (rows with ``venv`` "device")."""
+    runs = [(m, None, "main") for m in methods]
+    if device_python is not None:
+        runs += [(m, device_python, "device") for m in device_methods]
     rows = []
-    for method in methods:
+    for method, python, venv in runs:
         for batch, seq in (shapes[:1] if method in IMPORT_ONLY else shapes):
             rows.append(run_worker(method, model=ws.model_name, bundle=ws.bundle.path, batch=batch, seq=seq,
-                                   steps=steps, threads=ws.threads, vocab=ws.vocab_size))
+                                   steps=steps, threads=ws.threads, vocab=ws.vocab_size, python=python, venv=venv))
     return rows
 
 

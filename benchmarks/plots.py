@@ -4,7 +4,7 @@ holdout accuracy vs number of user examples per method.
 Example:
     >>> from benchmarks.plots import plot_step_times
     >>> rows = [{"batch": 1, "seq": 32, "method": m, "median": 0.1, "q1": 0.09, "q3": 0.11}
-    ...         for m in ("sdk", "torch-full")]
+    ...         for m in ("portable", "torch-full")]
     >>> import tempfile, pathlib
     >>> path = plot_step_times(rows, pathlib.Path(tempfile.mkdtemp()) / "s.png")
     >>> path.stat().st_size > 0
@@ -22,8 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_COLORS = {"sdk": "#1f77b4", "sdk-train": "#1f77b4", "sdk-bitfit": "#1f77b4", "sdk-forward": "#aec7e8",
-           "sdk-predict": "#aec7e8", "sdk-import": "#c7d7ea", "torch-bitfit": "#ff7f0e", "torch-full": "#d62728",
+_COLORS = {"portable": "#1f77b4", "sdk-train-portable": "#1f77b4", "sdk-bitfit": "#1f77b4",
+           "device-portable": "#17becf", "sdk-train-portable (device)": "#17becf",
+           "ort-training": "#9467bd", "sdk-train-ort-training": "#9467bd",
+           "forward": "#aec7e8", "device-forward": "#9edae5", "sdk-predict": "#aec7e8", "sdk-predict (device)": "#9edae5",
+           "sdk-import": "#c7d7ea", "sdk-import (device)": "#dbeef0", "torch-bitfit": "#ff7f0e", "torch-full": "#d62728",
            "torch-head": "#2ca02c", "base": "#7f7f7f"}
 
 
@@ -65,10 +68,13 @@ def plot_memory(rows: list[dict[str, Any]], path: Path) -> Path:
     def group(r: dict[str, Any]) -> str:
         return "import" if r["method"] == "sdk-import" else f"{r['batch']}x{r['seq']}"
 
+    def label(r: dict[str, Any]) -> str:  # the device venv's rows are their own bars
+        return r["method"] + (" (device)" if r.get("venv") == "device" else "")
+
     groups = list(dict.fromkeys(group(r) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    values = {(group(r), r["method"]): r["peak_mb"] for r in rows}
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    methods = list(dict.fromkeys(label(r) for r in rows))
+    values = {(group(r), label(r)): r["peak_mb"] for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     _bars(ax, groups, methods, values)
     ax.set_ylabel("peak RSS (MB)")
     ax.set_xlabel("batch x sequence length")

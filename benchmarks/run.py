@@ -41,8 +41,12 @@ class Plan:
     step_warmup: int = 2
     memory_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(16, 64), (32, 128)])
     memory_steps: int = 3
-    memory_methods: tuple[str, ...] = ("sdk-import", "sdk-predict", "sdk-train", "torch-bitfit", "torch-full",
-                                       "torch-head")
+    memory_methods: tuple[str, ...] = ("sdk-import", "sdk-predict", "sdk-train-portable", "sdk-train-ort-training",
+                                       "torch-bitfit", "torch-full", "torch-head")
+    # Measured again under the device venv's Python (the newest plain onnxruntime), when it exists.
+    memory_device_methods: tuple[str, ...] = ("sdk-import", "sdk-predict", "sdk-train-portable")
+    # Use the device venv (.venv-device) for the device-side measurements when it exists.
+    device: bool = True
     personalize_sizes: list[int] = field(default_factory=lambda: [100, 200, 500])
     personalize_repeats: int = 2
     personalize_epochs: int = 3
@@ -73,7 +77,7 @@ def quick_plan() -> Plan:
     return Plan(
         users=["self-driving-cars", "festival"], general_size=600,
         step_shapes=[(1, 32), (8, 32)], step_repeats=3, step_warmup=1,
-        memory_shapes=[(8, 64)], memory_steps=2,
+        memory_shapes=[(16, 64)], memory_steps=2, memory_device_methods=("sdk-import", "sdk-train-portable"),
         personalize_sizes=[100], personalize_repeats=1,
         inference_levels=("basic", "all"), inference_repeats={1: 10, 32: 3}, switch_repeats=3, per_row_repeats=3,
         rebuild_repeats=2, delta_train=100, delta_holdout=150,
@@ -88,7 +92,8 @@ def tiny_plan() -> Plan:
         model="tiny", users=["user-0", "user-1"], dev_user="dev", general_size=60,
         step_shapes=[(2, 8)], step_repeats=2, step_warmup=1,
         memory_shapes=[(2, 8)], memory_steps=1,
-        memory_methods=("sdk-import", "sdk-train", "torch-head"),
+        memory_methods=("sdk-import", "sdk-train-portable", "sdk-train-ort-training", "torch-head"),
+        memory_device_methods=("sdk-train-portable",),
         personalize_sizes=[24], personalize_repeats=1, personalize_epochs=1,
         inference_levels=("basic", "all"), inference_batches=(1, 4), inference_seq=8,
         inference_repeats={1: 2, 4: 2}, switch_repeats=2, per_row_repeats=2, rebuild_repeats=1,
@@ -110,6 +115,7 @@ def run(plan: Plan, *, work_dir: Path, report_path: Path, plots_dir: Path, threa
         corpus: Any = None, pause: float | None = None) -> dict[str, Any]:
     """Run every section of ``plan``; write results.json, the plots and the report."""
     from . import deltas, diagnostics, inference, memory, personalization, quality, step_time
+    from .device_worker import DeviceWorker, device_python
     from .environment import describe, load_average
     from .workspace import prepare, tweet_corpus
 
@@ -142,17 +148,63 @@ def run(plan: Plan, *, work_dir: Path, report_path: Path, plots_dir: Path, threa
                             "trainable_values": m.policy["trainable_values"], "per_row": m.per_row,
                             "corpus": corpus.source}
     step_pause = 0.05 if pause is None else pause
+    device_py = device_python() if plan.device else None
+    results["device"] = {"python": str(device_py) if device_py else None,
+                         "reason": "" if device_py else ("turned off in the plan" if not plan.device else
+                                                         "no working .venv-device (run `make install`)")}
 
-    results["step_time"] = section("step_time", lambda: step_time.train_step_times(
-        ws, plan.step_shapes, repeats=plan.step_repeats, warmup=plan.step_warmup, pause=step_pause))
+    def device_worker() -> Any:
+        """A fresh device worker for one section (None without a device venv)."""
+        if device_py is None:
+            return None
+        worker = DeviceWorker(device_py, ws.bundle.path, threads=ws.threads, log=work_dir / "device-worker.log")
+        results["device"].setdefault("info", worker.info)
+        return worker
+
+    def with_device(name: str, fn: Callable[[Any], Any]) -> Callable[[], Any]:
+        """``fn(worker)``; when the device side fails, the error is reported and the section
+        is measured again without it, so the main venv's numbers are never lost to it."""
+        def call() -> Any:
+            try:
+                worker = device_worker()
+            except Exception as err:  # noqa: BLE001 - reported, the section runs without the device
+                traceback.print_exc()
+                results["errors"][f"{name} (device worker)"] = f"{type(err).__name__}: {err}"[:2000]
+                return fn(None)
+            try:
+                return fn(worker)
+            except Exception as err:
+                if worker is None:
+                    raise
+                traceback.print_exc()
+                results["errors"][f"{name} (device worker)"] = f"{type(err).__name__}: {err}"[:2000]
+            finally:
+                if worker is not None:
+                    worker.close()
+            return fn(None)
+        return call
+
+    results["step_time"] = section("step_time", with_device("step_time", lambda dev: step_time.train_step_times(
+        ws, plan.step_shapes, repeats=plan.step_repeats, warmup=plan.step_warmup, pause=step_pause, device=dev)))
+    def device_memory() -> list[dict[str, Any]]:
+        if device_py is None:
+            return []
+        try:
+            return memory.peak_memory(ws, plan.memory_shapes, steps=plan.memory_steps, methods=(),
+                                      device_python=device_py, device_methods=plan.memory_device_methods)
+        except Exception as err:  # noqa: BLE001 - reported; the main venv's rows are kept
+            traceback.print_exc()
+            results["errors"]["memory (device venv)"] = f"{type(err).__name__}: {err}"[:2000]
+            return []
+
     results["memory"] = section("memory", lambda: memory.peak_memory(
-        ws, plan.memory_shapes, steps=plan.memory_steps, methods=plan.memory_methods))
+        ws, plan.memory_shapes, steps=plan.memory_steps, methods=plan.memory_methods) + device_memory())
     results["personalization"] = section("personalization", lambda: personalization.personalization_times(
         ws, plan.personalize_sizes, repeats=plan.personalize_repeats, epochs=plan.personalize_epochs))
-    results["inference"] = section("inference", lambda: inference.inference_benchmarks(
+    results["inference"] = section("inference", with_device("inference", lambda dev: inference.inference_benchmarks(
         ws, levels=plan.inference_levels, batches=plan.inference_batches, seq=plan.inference_seq,
         repeats=plan.inference_repeats, switch_repeats=plan.switch_repeats, per_row_repeats=plan.per_row_repeats,
-        rebuild_repeats=plan.rebuild_repeats))
+        rebuild_repeats=plan.rebuild_repeats, device=dev)))
     lrs = dict(quality.DEFAULT_LRS)
     if plan.tune and plan.dev_user:
         results["tuning"] = section("tuning", lambda: quality.tune_learning_rates(
@@ -165,18 +217,35 @@ def run(plan: Plan, *, work_dir: Path, report_path: Path, plots_dir: Path, threa
     results["quality"] = section("quality", lambda: quality.quality(
         ws, users=plan.users, sizes=plan.quality_sizes, holdout_size=plan.quality_holdout, epochs=plan.quality_epochs,
         lrs=lrs))
-    results["diagnostics"] = section("diagnostics", lambda: {
+    results["diagnostics"] = section("diagnostics", with_device("diagnostics", lambda dev: {
         "profiles": [diagnostics.profile_train_step(ws, batch=b, seq=s) for b, s in plan.profile_shapes],
+        "portable_profiles": [diagnostics.profile_portable(ws, batch=b, seq=s) for b, s in plan.profile_shapes],
+        "device_portable_profiles": [] if dev is None else [
+            dev.call("profile", batch=b, seq=s, vocab=ws.vocab_size, classes=len(ws.labels),
+                     out_dir=str(work_dir / "profiles")) for b, s in plan.profile_shapes],
         "optimized_ops": diagnostics.optimized_graph_ops(ws),
         "rewrite_cost": diagnostics.rewrite_cost(ws, batches=plan.inference_batches, seq=plan.inference_seq,
                                                  repeats=plan.inference_repeats),
-    })
+        "device_inference_profile": None if dev is None else dev.call(
+            "profile_inference", batch=max(plan.inference_batches), seq=plan.inference_seq, vocab=ws.vocab_size,
+            classes=len(ws.labels), plain=str(ws.plain_onnx), overridable=_overridable(ws),
+            out_dir=str(work_dir / "profiles")),
+    }))
     results["load_average_end"] = load_average()
     results["wall_seconds"] = time.perf_counter() - started
     results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write_outputs(results, work_dir=work_dir, report_path=report_path, plots_dir=plots_dir)
     _log(f"wrote {report_path} ({results['wall_seconds'] / 60:.1f} min)")
     return results
+
+
+def _overridable(ws: Any) -> str | None:
+    from .diagnostics import overridable_plain_model
+
+    path = ws.work_dir / "plain-overridable.onnx"
+    if not path.exists():
+        path = overridable_plain_model(ws)
+    return str(path) if path else None
 
 
 def write_outputs(results: dict[str, Any], *, work_dir: Path, report_path: Path, plots_dir: Path) -> None:

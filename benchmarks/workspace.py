@@ -28,6 +28,7 @@ from bitfit.export.minilm import MeanPoolClassifier, example_text_inputs, minilm
 from bitfit.sdk.bundle import Bundle
 from bitfit.sdk.data import TextEncoder
 
+from .batches import random_batch
 from .environment import set_torch_threads
 from .timing import Stopwatch
 from .torch_recipes import train_head
@@ -199,15 +200,9 @@ class Workspace:
         return copy.deepcopy(self.model).eval()
 
     def random_batch(self, batch: int, seq: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Token ids of exactly ``seq`` positions (no padding) and random labels."""
-        rng = np.random.default_rng(seed)
-        low = min(1000, self.vocab_size // 2)
-        feeds = {
-            "input_ids": rng.integers(low, self.vocab_size, (batch, seq)).astype(np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "token_type_ids": np.zeros((batch, seq), np.int64),
-        }
-        return feeds, rng.integers(0, len(self.labels), batch).astype(np.int64)
+        """Token ids of exactly ``seq`` positions (no padding) and random labels
+        (:func:`benchmarks.batches.random_batch`, which the device worker calls too)."""
+        return random_batch(batch, seq, vocab_size=self.vocab_size, classes=len(self.labels), seed=seed)
 
 
 def prepare(

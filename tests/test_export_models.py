@@ -345,18 +345,8 @@ def test_onnx_file_with_a_shared_bias_is_split(distinct_net, tmp_path, check_bun
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A saved tiny BertForSequenceClassification with a WordLevel tokenizer.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     path = tmp_path_factory.mktemp("hf") / "tiny-bert"
-    model = tm.tiny_bert_hf()
-    model.config.id2label = {0: "neg", 1: "neu", 2: "pos"}
-    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
-    model.save_pretrained(path)
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i + 4 for i in range(40)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path, model
+    return path, tm.save_tiny_bert_hf_dir(path)
 
 
 HF_TASKS = {

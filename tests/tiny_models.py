@@ -108,6 +108,21 @@ def tiny_bert_hf(num_labels: int = 3, seed: int = 0):
     return BertForSequenceClassification(bert_config(num_labels)).eval()
 
 
+def save_tiny_bert_hf_dir(path):
+    """Save ``tiny_bert_hf()`` (labels neg/neu/pos) with a WordLevel ``tokenizer.json`` to ``path``; returns the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_bert_hf()
+    model.config.id2label = {0: "neg", 1: "neu", 2: "pos"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(path)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i + 4 for i in range(40)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return model
+
+
 def tiny_gpt2(seed: int = 0):
     """A 2-layer, 32-wide GPT2LMHeadModel (eager attention): logits [batch, seq, VOCAB].
 
