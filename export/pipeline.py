@@ -6,9 +6,10 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     >>> bundle = export_bundle(net, "/tmp/bitfit-doc-mlp", example_inputs={"x": torch.randn(2, 4)},
     ...                        labels=["a", "b", "c"], overwrite=True)
-    bitfit: /tmp/bitfit-doc-mlp: 2 trainable tensors (all-biases), 19 of 131 values (14.504%), per-row users: yes, ...
     >>> [t.name for t in bundle.manifest.trainable], bundle.manifest.per_row
     (['0.bias', '2.bias'], True)
+    >>> bundle.manifest.training_defaults          # a small model: the larger default learning rate
+    {'learning_rate': 0.01}
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ from .validate import validate_bundle
 log = logging.getLogger("bitfit.export")
 BITFIT_VERSION = "0.2.0"
 OrtTrainingArtifacts = Literal["auto", "required", "never"]
+# The learning rate a bundle records for personalize (manifest.training_defaults) when
+# export_bundle is not given one, by the model's size: pretrained-size models want a small
+# rate (2e-3 was tuned on the built-in MiniLM, 22.6M values: README demo), small models a
+# larger one (measured on the tests' tiny BERT, 21k values, and MLP, 467 values: see
+# docs/bundle-format.md, "training_defaults").
+LARGE_MODEL_VALUES = 1_000_000
+LARGE_MODEL_LEARNING_RATE = 2e-3
+SMALL_MODEL_LEARNING_RATE = 1e-2
 NO_TRAINING_API = (
     "onnxruntime-training was not installed where this bundle was exported (plain onnxruntime has no "
     "gradient builder); export with `pip install 'bitfit[export,ort-training]'` for these artifacts"
@@ -111,14 +120,20 @@ def export_bundle(
     ort_format: bool = False,
     ort_training: OrtTrainingArtifacts = "auto",
     overwrite: bool = False,
-    verbose: bool = True,
+    verbose: bool = False,
+    learning_rate: float | None = None,
 ) -> Bundle:
     """Export ``model`` to a bundle directory at ``out_dir`` and return it, validated.
 
     ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), a Hugging Face model
     directory (with ``hf_task``), an ``.onnx`` file, or ``"minilm"`` (with ``labels``).
-    Nothing is left at ``out_dir`` unless every step and check passed. With ``verbose``
-    it prints one line with the trainable count and fraction (also in the manifest).
+    Nothing is left at ``out_dir`` unless every step and check passed. The summary line
+    (trainable count and fraction, backends) is logged to ``bitfit.export``; with
+    ``verbose=True`` (``bitfit export`` passes it) it is also printed.
+
+    ``learning_rate`` is recorded in the manifest's ``training_defaults`` and used by
+    ``personalize`` when its caller gives none; None picks 2e-3 for models of >= 1M values
+    (tuned on MiniLM) and 1e-2 for smaller ones (docs/bundle-format.md).
 
     Every bundle gets the portable training model (plain onnxruntime) where the graph
     allows; ``ort_training`` decides the onnxruntime-training 1.19.2 artifacts: ``"auto"``
@@ -137,6 +152,8 @@ def export_bundle(
         raise ExportError(f"unknown optimizer {optimizer!r}: use adamw or sgd")
     if ort_training not in ("auto", "required", "never"):
         raise ExportError(f"unknown ort_training {ort_training!r}: use auto, required or never")
+    if learning_rate is not None and (type(learning_rate) not in (int, float) or not 0 < learning_rate < float("inf")):
+        raise ExportError(f"learning_rate must be a positive number or None (chosen by the model's size), got {learning_rate!r}")
     if ort_training == "required" and not has_training_api():
         raise BackendUnavailableError(
             "ort_training='required' but this environment has plain onnxruntime, without the gradient builder of "
@@ -231,6 +248,7 @@ def export_bundle(
             opset=next((o.version for o in forward.opset_import if o.domain in ("", "ai.onnx")), 17),
             ort_version=_ort_version(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             training_backends=backends,
+            training_defaults={"learning_rate": float(learning_rate) if learning_rate is not None else default_learning_rate(total)},
         )
         manifest.files = {k: file_entry(work, v) for k, v in files.items()}
         bundle = Bundle(work, manifest)
@@ -249,6 +267,16 @@ def export_bundle(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Bundle.open(out_dir)
+
+
+def default_learning_rate(total_values: int) -> float:
+    """The learning rate a bundle records when ``export_bundle`` is given none, by model size.
+
+    Example:
+        >>> default_learning_rate(22_566_531), default_learning_rate(467)
+        (0.002, 0.01)
+    """
+    return LARGE_MODEL_LEARNING_RATE if total_values >= LARGE_MODEL_VALUES else SMALL_MODEL_LEARNING_RATE
 
 
 def _text_spec_for(model: onnx.ModelProto, max_length: int) -> TextSpec:

@@ -26,7 +26,7 @@ _EXPORTS = {
 _ERRORS = (
     "BackendUnavailableError", "BitfitError", "BudgetExceededError", "BundleInvalidError", "DeltaCorruptError", "DeltaMismatchError",
     "DeltaNotFoundError", "DecryptionError", "InvalidArgumentError", "InvalidUserDataError", "ProviderUnavailableError", "ResourceExhaustedError",
-    "StoreBusyError", "StoreWriteError", "TrainingDivergedError",
+    "StoreBusyError", "StoreReadError", "StoreWriteError", "TrainingDivergedError",
 )
 _EXPORTS.update({name: "errors" for name in _ERRORS})
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -119,6 +120,10 @@ class Manifest:
     training_backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per backend (``portable``, ``ort-training``): ``{"available": bool, "reason": str}``;
     the reason says why a backend is missing (format 1 bundles: derived on reading)."""
+    training_defaults: dict[str, Any] = field(default_factory=dict)
+    """Training options this bundle's model needs by default, e.g. ``{"learning_rate": 0.01}``;
+    ``personalize`` uses them when the caller gives none. Optional: ``{}`` for bundles
+    written before the field (the SDK's defaults apply); names a reader does not know are ignored."""
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
 
@@ -151,9 +156,14 @@ class Manifest:
     def from_json(cls, text: str) -> "Manifest":
         """Parse and check a manifest; any problem is a BundleInvalidError."""
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, parse_float=_written_float)
         except (ValueError, TypeError, RecursionError) as err:  # ValueError covers JSON and UTF-8 errors
             raise BundleInvalidError(f"manifest.json is not valid JSON ({err}); re-export the bundle") from err
+        if _UPPER_HEX_ESCAPE.search(text):
+            raise BundleInvalidError(
+                "manifest.json has a \\u escape with upper-case hex digits, which bitfit never writes: the file "
+                "is damaged or was edited; copy the bundle again or re-export it"
+            )
         if not isinstance(raw, dict):
             raise BundleInvalidError("manifest.json must hold a JSON object; re-export the bundle")
         if raw.get("format") != BUNDLE_FORMAT:
@@ -273,10 +283,25 @@ _FIELD_TYPES = {
     "labels": lambda x: x is None or (isinstance(x, list) and all(isinstance(n, str) for n in x)),
     "ignore_index": lambda x: x is None or type(x) is int, "label_input": _is_name,
     "opset": _is_int, "ort_version": lambda x: isinstance(x, str), "created": lambda x: isinstance(x, str),
+    "training_defaults": lambda x: isinstance(x, dict) and (
+        "learning_rate" not in x or (type(x["learning_rate"]) in (int, float) and 0 < x["learning_rate"] < float("inf"))),
     "training_backends": lambda x: isinstance(x, dict) and all(
         k in BACKENDS and isinstance(v, dict) and type(v.get("available")) is bool and isinstance(v.get("reason", ""), str)
         for k, v in x.items()),
 }
+
+
+# The checksum covers the parsed values, and some spellings parse to the same value: "1e-06" and
+# "1E-06", a 17th digit that rounds away, "\u00e9" and "\u00E9" (one bit apart each). Only the
+# spelling json.dumps writes is accepted, so that every bit flip of the file is refused.
+_UPPER_HEX_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u[0-9a-fA-F]{0,3}[A-F]")
+
+
+def _written_float(token: str) -> float:
+    value = float(token)
+    if repr(value) != token:  # json.dumps writes floats as float.__repr__
+        raise ValueError(f"the number {token} is not spelled as bitfit writes it ({value!r})")
+    return value
 
 
 def manifest_checksum(fields: dict[str, Any]) -> str:

@@ -1,13 +1,18 @@
 """The ``bitfit`` command.
 
     bitfit export MODEL OUT [--labels a,b,c] [--policy all-biases] [--hf-task T] ...   (workstation)
-    bitfit personalize BUNDLE --user U --data FILE [--store DIR] [--epochs N] [--backend auto|portable|ort-training] ...
-    bitfit predict BUNDLE [--user U] TEXT...
-    bitfit deltas STORE {list,show,rollback,rm} [--user U] [--version N]
+    bitfit personalize BUNDLE --user U --data FILE [--store DIR] [--key-file F] [--providers cpu|cuda|auto]
+                       [--epochs N] [--learning-rate LR] [--patience N|off] [--backend auto|portable|ort-training] ...
+    bitfit predict BUNDLE [--user U] [--store DIR] [--key-file F] [--providers P] TEXT...
+    bitfit deltas STORE {list,show,rollback,rm} [--user U] [--version N] [--key-file F]
     bitfit info BUNDLE
     bitfit demo                                                                          (workstation)
 
 ``export`` and ``demo`` import ``bitfit.export`` (torch) lazily; the device commands never do.
+The options have the names and defaults of the Python API (``bitfit.sdk.options``): ``--store``
+omitted is the platform's data directory for personalize and predict alike, ``--providers``
+is ``cpu`` unless asked, ``--learning-rate`` omitted is the bundle's. ``--key-file`` names a
+file whose bytes are the store's AES key (16, 24 or 32 bytes, e.g. ``head -c 32 /dev/urandom``).
 
 Example:
     >>> from bitfit.sdk.cli import main
@@ -21,7 +26,7 @@ import json
 import sys
 from typing import Any
 
-from .errors import BitfitError
+from .errors import BitfitError, InvalidArgumentError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,17 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("bundle")
     pe.add_argument("--user", required=True)
     pe.add_argument("--data", required=True, help=".jsonl or .csv with text and label")
-    pe.add_argument("--store", help="delta store directory (default: the platform's data dir)")
+    _add_store_options(pe)
+    _add_runtime_options(pe)
     pe.add_argument("--epochs", type=int, default=3)
-    pe.add_argument("--learning-rate", type=float, default=2e-3)
+    pe.add_argument("--learning-rate", type=float,
+                    help="default: the bundle's training_defaults.learning_rate (2e-3 for bundles without one)")
+    pe.add_argument("--patience", type=_patience, default=2,
+                    help="stop after N epochs without holdout improvement (default 2); 'off' trains every epoch")
     pe.add_argument("--batch-size", type=int, default=16)
     pe.add_argument("--holdout", type=float, default=0.15)
     pe.add_argument("--max-steps", type=int)
     pe.add_argument("--max-seconds", type=float)
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--encoding", default="fp16", choices=["fp32", "fp16", "int8"])
-    pe.add_argument("--threads", type=int)
-    pe.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pe.add_argument("--device", choices=["cpu", "cuda"], help=argparse.SUPPRESS)  # deprecated: --providers
     pe.add_argument("--backend", default="auto", choices=["auto", "portable", "ort-training"],
                     help="training backend: portable (plain onnxruntime) or ort-training (onnxruntime-training "
                          "1.19.2); auto takes portable where the bundle has it")
@@ -70,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("bundle")
     pr.add_argument("texts", nargs="+")
     pr.add_argument("--user")
-    pr.add_argument("--store")
+    _add_store_options(pr)
+    _add_runtime_options(pr)
     pr.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
 
     de = sub.add_parser("deltas", help="inspect and manage a delta store")
@@ -78,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("action", choices=["list", "show", "rollback", "rm"])
     de.add_argument("--user")
     de.add_argument("--version", type=int)
+    de.add_argument("--key-file", help="file holding the store's AES key (16, 24 or 32 bytes)")
 
     info = sub.add_parser("info", help="show a bundle's manifest summary")
     info.add_argument("bundle")
@@ -86,6 +96,56 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--quick", action="store_true", help="fewer users and examples")
     return parser
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="delta store directory (default: the platform's data directory)")
+    parser.add_argument("--key-file", help="file holding the store's AES key (16, 24 or 32 bytes) for encrypted deltas")
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--providers", default="cpu",
+                        help="where it runs: cpu (default), cuda, auto (CUDA where available), or comma-separated "
+                             "execution provider names")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--verify", default="hashes", choices=["hashes", "sizes", "none"],
+                        help="how the bundle's files are checked on opening (default: hashes)")
+
+
+def _patience(text: str) -> int | None:
+    if text == "off":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'off', got {text!r}") from None
+
+
+def _providers(args: argparse.Namespace) -> Any:
+    device = getattr(args, "device", None)
+    if device is not None:
+        print(f"bitfit: warning: --device is deprecated: use --providers {device}", file=sys.stderr)
+        if args.providers not in ("cpu", device):
+            raise InvalidArgumentError(f"--device {device} and --providers {args.providers} disagree: pass --providers alone")
+        return device
+    value = args.providers
+    return [name.strip() for name in value.split(",") if name.strip()] if "," in value else value
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    if not getattr(args, "key_file", None):
+        return None
+    try:
+        with open(args.key_file, "rb") as fh:
+            key = fh.read(4096)
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot read --key-file {args.key_file}: {err.strerror or err}") from err
+    if len(key) not in (16, 24, 32):
+        raise InvalidArgumentError(
+            f"--key-file {args.key_file} holds {len(key)} bytes; an AES key is 16, 24 or 32 bytes (the raw bytes, "
+            "no newline or hex), e.g. written once with `head -c 32 /dev/urandom > KEYFILE`"
+        )
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +164,7 @@ def _export(args: argparse.Namespace) -> int:
         args.model, args.out, labels=args.labels.split(",") if args.labels else None, policy=args.policy,
         include=args.include or None, exclude=args.exclude or None, task=args.task, hf_task=args.hf_task,
         loss=args.loss, optimizer=args.optimizer, max_length=args.max_length, ort_format=args.ort_format,
-        ort_training=args.ort_training, overwrite=args.overwrite,
+        ort_training=args.ort_training, overwrite=args.overwrite, verbose=True,
     )
     _print_info(bundle)
     return 0
@@ -140,14 +200,15 @@ def _info(args: argparse.Namespace) -> int:
 def _personalize(args: argparse.Namespace) -> int:
     from .personalizer import Personalizer
 
-    p = Personalizer(args.bundle, args.store, device=args.device, threads=args.threads, backend=args.backend)
+    p = Personalizer(args.bundle, args.store, providers=_providers(args), threads=args.threads, backend=args.backend,
+                     key=_key(args), verify=args.verify)
     r = p.personalize(
         args.data, user=args.user, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         holdout=args.holdout, max_steps=args.max_steps, max_seconds=args.max_seconds, seed=args.seed,
-        encoding=args.encoding, reset=args.reset,
+        encoding=args.encoding, reset=args.reset, patience=args.patience,
     )
     print(f"user {r.user}: version {r.version}, {r.delta_bytes:,} bytes ({r.encoding}), {r.steps} steps in {r.seconds:.1f}s "
-          f"on {r.examples_used} examples (stopped by {r.stopped_by}, backend {r.backend})")
+          f"on {r.examples_used} examples (stopped by {r.stopped_by}, backend {r.backend}, learning rate {r.learning_rate:g})")
     if r.accuracy_before is not None:
         print(f"  holdout ({r.holdout_examples}): accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f}, "
               f"loss {r.loss_before:.4f} -> {r.loss_after:.4f}")
@@ -157,11 +218,8 @@ def _personalize(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .predictor import Predictor
 
-    predictor = Predictor(args.bundle, args.store if args.user else None)
-    if args.user and args.store is None:
-        from .store import DeltaStore
-
-        predictor.store = DeltaStore()
+    predictor = Predictor(args.bundle, args.store, providers=_providers(args), threads=args.threads, key=_key(args),
+                          verify=args.verify)
     result = predictor.predict(args.texts, user=args.user)
     for text, label, probs in zip(args.texts, result.labels, result.probabilities):
         if args.json:
@@ -176,15 +234,14 @@ def _predict(args: argparse.Namespace) -> int:
 def _deltas(args: argparse.Namespace) -> int:
     from .store import DeltaStore
 
-    store = DeltaStore(args.store)
+    store = DeltaStore(args.store, key=_key(args))
     if args.action == "list":
         users = [args.user] if args.user else store.users()
         for user in users:
             print(f"{user}\tcurrent v{store.current_version(user)}\tversions {store.versions(user)}")
         return 0
     if not args.user:
-        print("bitfit: error: --user is required for show, rollback and rm", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError("--user is required for show, rollback and rm")
     if args.action == "show":
         for row in store.info(args.user):
             print(json.dumps(row, default=str))

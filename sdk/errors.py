@@ -66,6 +66,11 @@ class StoreWriteError(BitfitError, OSError):
     """The store could not write (disk full, read-only, permissions); the previous delta is intact."""
 
 
+class StoreReadError(BitfitError, OSError):
+    """The store could not read a file or list a directory it needs (permissions, I/O error); it
+    refuses to guess rather than treat the file as missing, and changed nothing."""
+
+
 class TrainingDivergedError(BitfitError):
     """The loss became NaN or infinite; the user's previous delta was kept."""
 

@@ -28,7 +28,10 @@ from .errors import (
     BitfitError, BundleInvalidError, DeltaCorruptError, DeltaMismatchError, DeltaNotFoundError, InvalidArgumentError,
     InvalidUserDataError, ResourceExhaustedError, TrainingDivergedError,
 )
-from .runtime import is_out_of_memory
+from .options import (
+    DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, open_store, providers_from_device,
+)
+from .runtime import cuda_available, is_out_of_memory
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
 from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTrainingSession, open_training_session
@@ -36,6 +39,9 @@ from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTraining
 log = logging.getLogger("bitfit.sdk")
 
 StopReason = Literal["epochs", "max_steps", "max_seconds", "early_stopping"]
+DEFAULT_LEARNING_RATE = 2e-3
+"""The learning rate for a bundle whose manifest has no ``training_defaults.learning_rate``
+(bundles exported before that field): the value tuned for the built-in MiniLM."""
 ProgressCallback = Callable[["Progress"], None]
 
 
@@ -76,6 +82,8 @@ class PersonalizeResult:
     starting point, so the starting biases were kept (the new version equals the previous one)."""
     backend: str = ""
     """The training backend that ran: ``portable`` or ``ort-training``."""
+    learning_rate: float = 0.0
+    """The learning rate used: the argument, else the bundle's ``training_defaults``, else 2e-3."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,18 +92,34 @@ class PersonalizeResult:
 class Personalizer:
     """Local training and per-user inference over one bundle and one delta store.
 
+    The options have the same names, values and defaults in :class:`~bitfit.sdk.predictor.Predictor`
+    and the ``bitfit`` command (``bitfit.sdk.options``); a wrong value is an InvalidArgumentError.
+
     Args:
         bundle: a bundle directory (or an opened Bundle).
-        store: where deltas live: a path, a DeltaStore, or None for the platform's data dir.
-        device: "cpu" (default) or "cuda" for training.
+        store: where deltas live: a path, a DeltaStore, or None (default) for the platform's
+            data directory (``platformdirs.user_data_dir("bitfit")/deltas``); Predictor's
+            ``store=None`` is the same directory, so it serves what this class saves.
+        providers: where training *and* inference run: "cpu" (default), "cuda" (refused with
+            ProviderUnavailableError where this onnxruntime has no CUDA), "auto" (CUDA where
+            this build has it, else CPU) or a list of execution providers (CPU appended as
+            the fallback; the ort-training backend takes CPU and CUDA only).
         backend: the training backend: "auto" (default: ``portable`` where the bundle has its
             models, else ``ort-training``), "portable" (plain onnxruntime) or "ort-training"
             (onnxruntime-training 1.19.2); see ``bitfit.sdk.trainer.open_training_session``.
-        providers: execution providers for inference ("auto", "cpu", or a list).
         threads: intra-op threads for training and inference (None = ORT's default).
         key: AES key to encrypt deltas at rest (see docs/security.md).
         on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.
+        verify: how the bundle's files are checked on opening: "hashes" (default), "sizes"
+            or "none" (``Bundle.open``).
+        device: deprecated alias of ``providers`` ("cpu" or "cuda"); warns.
+
+    Example:
+        >>> Personalizer("bundles/tiny", store=False)            # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidArgumentError: store must be a path, a DeltaStore, None (the platform's data directory), got False
     """
 
     def __init__(
@@ -103,26 +127,26 @@ class Personalizer:
         bundle: Bundle | str | os.PathLike,
         store: DeltaStore | str | os.PathLike | None = None,
         *,
-        device: Device = "cpu",
+        providers: Providers = DEFAULT_PROVIDERS,
         backend: BackendChoice = "auto",
-        providers: str | Sequence[Any] = "auto",
         threads: int | None = None,
         key: bytes | None = None,
         on_bad_delta: Literal["fallback", "raise"] = "fallback",
         graph_optimization: GraphOptimization | None = None,
-        verify: Literal["hashes", "sizes", "none"] = "hashes",
+        verify: Verify = DEFAULT_VERIFY,
+        device: Device | None = None,
     ) -> None:
+        providers = providers_from_device(providers, device)
+        check_choice("backend", backend, get_args(BackendChoice))
+        check_choice("verify", verify, ("hashes", "sizes", "none"))
+        check_choice("on_bad_delta", on_bad_delta, ("fallback", "raise"))
+        if graph_optimization is not None:
+            check_choice("graph_optimization", graph_optimization, get_args(GraphOptimization))
+        if threads is not None and (type(threads) is not int or threads < 0):
+            raise InvalidArgumentError(f"threads must be an int >= 0 or None (onnxruntime's default), got {threads!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
-        if isinstance(store, DeltaStore) and key is not None and not store.uses_key(key):
-            # Ignoring it would write plain deltas while the app believes they are encrypted.
-            raise InvalidArgumentError(
-                "key= was given together with a DeltaStore that does not use that key: create the DeltaStore "
-                "with key=..., or pass the store as a path"
-            )
-        self.store = store if isinstance(store, DeltaStore) else DeltaStore(store, key=key)
-        if backend not in get_args(BackendChoice):
-            raise InvalidArgumentError(f"backend must be one of {', '.join(map(repr, get_args(BackendChoice)))}, got {backend!r}")
-        self.device = device
+        self.store = open_store(store, key, allow_none=False)
+        self.providers = providers
         self.backend = backend
         self.threads = threads
         self._predictor_options = {"providers": providers, "threads": threads, "on_bad_delta": on_bad_delta}
@@ -172,7 +196,7 @@ class Personalizer:
         user: str,
         *,
         epochs: int = 3,
-        learning_rate: float = 2e-3,
+        learning_rate: float | None = None,
         batch_size: int = 16,
         holdout: float = 0.15,
         max_steps: int | None = None,
@@ -193,22 +217,28 @@ class Personalizer:
         ``max_steps`` or ``max_seconds`` (a device's time budget) if given. If the loss
         becomes NaN/inf, nothing is saved and the previous delta stays current.
 
+        ``learning_rate=None`` takes the bundle's ``training_defaults.learning_rate`` (chosen
+        at export for the model's size: docs/bundle-format.md), or 2e-3 for a bundle without
+        one. The rate used is in the result and in the delta's info.
+
         Example:
             >>> r = p.personalize("alice.jsonl", user="alice", max_seconds=30)      # doctest: +SKIP
             >>> r.accuracy_before, r.accuracy_after, r.delta_bytes                   # doctest: +SKIP
             (0.61, 0.78, 51812)
         """
-        _check_options(user, epochs, learning_rate, batch_size, max_steps, max_seconds, patience, encoding)
-        started = time.perf_counter()
         manifest = self.bundle.manifest
+        learning_rate, rate_from = _learning_rate(learning_rate, manifest.training_defaults)
+        _check_options(user, epochs, learning_rate, batch_size, max_steps, max_seconds, patience, encoding, holdout)
+        started = time.perf_counter()
         examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
         rng = np.random.default_rng(seed)
         train_index, holdout_index = split_holdout(len(examples), holdout, rng)
         train, held = examples.subset(train_index), examples.subset(holdout_index)
         start = None if reset else self._start_delta(user)
         start_values = start.apply_to(self.base_trainable) if start is not None else None
-        session = open_training_session(self.bundle, backend=self.backend, start=start_values, device=self.device,
-                                        threads=self.threads, learning_rate=learning_rate)
+        session = open_training_session(self.bundle, backend=self.backend, start=start_values,
+                                        providers=_training_providers(self.providers), threads=self.threads,
+                                        learning_rate=learning_rate)
         expected_inputs = {i.name for i in manifest.inputs} | {manifest.label_input}
         if set(session.input_names) != expected_inputs:  # a damaged manifest would fail inside ORT
             raise BundleInvalidError(
@@ -287,7 +317,8 @@ class Personalizer:
         seconds = time.perf_counter() - started
         info = {
             "steps": step, "epochs_run": epoch, "examples": len(train), "holdout_examples": len(held),
-            "seconds": round(seconds, 3), "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
+            "seconds": round(seconds, 3), "learning_rate": learning_rate, "learning_rate_from": rate_from,
+            "batch_size": batch_size, "seed": seed,
             "stopped_by": stop, "metrics": {"loss_before": loss_before, "loss_after": loss_after,
                                             "accuracy_before": acc_before, "accuracy_after": acc_after},
             "started_from": "previous-delta" if start is not None else "base", "kept_epoch": kept_epoch,
@@ -303,7 +334,7 @@ class Personalizer:
             duplicates_removed=examples.duplicates_removed, loss_before=loss_before, loss_after=loss_after,
             accuracy_before=acc_before, accuracy_after=acc_after, stopped_by=stop,  # type: ignore[arg-type]
             started_from=info["started_from"],  # type: ignore[arg-type]
-            kept_epoch=kept_epoch, backend=session.backend,
+            kept_epoch=kept_epoch, backend=session.backend, learning_rate=learning_rate,
         )
 
     def _evaluate(self, session: PortableTrainingSession | OrtTrainingSession, held: Examples) -> tuple[float | None, float | None]:
@@ -352,8 +383,24 @@ def _progress_bar(total: int, user: str, wanted: bool | None):
     return tqdm(total=total, desc=f"personalize {user}", unit="step", leave=False)
 
 
+def _learning_rate(given: Any, defaults: dict[str, Any]) -> tuple[Any, str]:
+    """The learning rate to train with and where it came from: the argument, the bundle, or the default."""
+    if given is not None:
+        return given, "argument"
+    if "learning_rate" in defaults:
+        return defaults["learning_rate"], "bundle"
+    return DEFAULT_LEARNING_RATE, "default"
+
+
+def _training_providers(providers: Any) -> Any:
+    # "auto" is decided here: the ort-training backend takes a device (CPU or CUDA), not "auto".
+    if providers == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return providers
+
+
 def _check_options(user: Any, epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_seconds: Any,
-                   patience: Any, encoding: Any) -> None:
+                   patience: Any, encoding: Any, holdout: Any = 0.0) -> None:
     problems = []
     if not isinstance(user, str) or not user:
         problems.append(f"user must be a non-empty string, got {user!r}")
@@ -371,8 +418,10 @@ def _check_options(user: Any, epochs: Any, lr: Any, batch_size: Any, max_steps: 
         problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
     if encoding not in ("fp32", "fp16", "int8"):
         problems.append(f"encoding must be fp32, fp16 or int8, got {encoding!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        problems.append(f"holdout must be in [0, 1), got {holdout!r}")
     if problems:
-        raise InvalidUserDataError("; ".join(problems))
+        raise InvalidArgumentError("; ".join(problems))
 
 
 __all__ = ["Personalizer", "PersonalizeResult", "Progress", "BitfitError"]

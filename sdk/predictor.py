@@ -10,6 +10,8 @@ Example:
     >>> predictor = Predictor("bundles/minilm-sentiment", store="~/.local/share/bitfit")   # doctest: +SKIP
     >>> predictor.predict(["great flight!", "lost my bag"], user=["alice", None]).labels     # doctest: +SKIP
     ['positive', 'negative']
+    >>> Predictor("bundles/minilm-sentiment", store=False).predict(["great flight!"]).labels  # doctest: +SKIP
+    ['positive']
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .bundle import Bundle
 from .data import TextEncoder, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
+from .options import DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, open_store
 from .runtime import ort, resolve_providers
 from .store import DeltaStore
 
@@ -63,14 +66,41 @@ class Prediction:
 
 
 class Predictor:
-    """One inference session per bundle; any user's delta applied per call or per row."""
+    """One inference session per bundle; any user's delta applied per call or per row.
+
+    The options mean what they mean in :class:`~bitfit.sdk.personalizer.Personalizer`
+    (``bitfit.sdk.options``), so a Predictor built with the same arguments serves the
+    deltas that Personalizer saved.
+
+    Args:
+        bundle: a bundle directory (or an opened Bundle).
+        store: where deltas live: a path, a DeltaStore, or None (default) for the platform's
+            data directory, as in Personalizer (a user's delta is found without naming the
+            store twice); False for no store: only the base model is served and asking for
+            a user is an InvalidArgumentError.
+        providers: where inference runs: "cpu" (default), "cuda", "auto" (CUDA where this
+            onnxruntime has it) or a list of execution providers (CPU always appended).
+        strict_providers: refuse (ProviderUnavailableError) a listed provider this build
+            lacks instead of warning and dropping it.
+        verify: how the bundle's files are checked on opening: "hashes" (default), "sizes"
+            (a fast start: the MiniLM bundle is ~90 MB to hash) or "none".
+        key: AES key of an encrypted store (see docs/security.md).
+        on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
+            for another base (reported in ``Prediction.fallbacks``); "raise" raises.
+
+    Example:
+        >>> Predictor("bundles/tiny", providers="gpu")          # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidArgumentError: providers must be 'cpu', 'cuda', 'auto', ...
+    """
 
     def __init__(
         self,
         bundle: Bundle | str | os.PathLike,
-        store: DeltaStore | str | os.PathLike | None = None,
+        store: DeltaStore | str | os.PathLike | Literal[False] | None = None,
         *,
-        providers: str | Sequence[Any] = "auto",
+        providers: Providers = DEFAULT_PROVIDERS,
         strict_providers: bool = False,
         graph_optimization: GraphOptimization = DEFAULT_GRAPH_OPTIMIZATION,
         threads: int | None = None,
@@ -78,19 +108,20 @@ class Predictor:
         on_bad_delta: BadDeltaPolicy = "fallback",
         batch_size: int = 64,
         key: bytes | None = None,
+        verify: Verify = DEFAULT_VERIFY,
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        check_choice("verify", verify, ("hashes", "sizes", "none"))
+        check_choice("graph_optimization", graph_optimization, tuple(_LEVELS))
+        check_choice("on_bad_delta", on_bad_delta, ("fallback", "raise"))
+        providers = check_providers(providers)
+        for name, value, low in (("batch_size", batch_size, 1), ("cache_size", cache_size, 0)):
+            if type(value) is not int or value < low:
+                raise InvalidArgumentError(f"{name} must be an int >= {low}, got {value!r}")
+        if threads is not None and (type(threads) is not int or threads < 0):
+            raise InvalidArgumentError(f"threads must be an int >= 0 or None (onnxruntime's default), got {threads!r}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
         self.manifest = self.bundle.manifest
-        if isinstance(store, DeltaStore) and key is not None and not store.uses_key(key):
-            raise InvalidArgumentError(
-                "key= was given together with a DeltaStore that does not use that key: create the DeltaStore "
-                "with key=..., or pass the store as a path"
-            )
-        self.store = store if isinstance(store, DeltaStore) or store is None else DeltaStore(store, key=key)
-        if graph_optimization not in _LEVELS:
-            raise BitfitError(f"unknown graph_optimization {graph_optimization!r}: use one of {sorted(_LEVELS)}")
-        if on_bad_delta not in ("fallback", "raise"):
-            raise BitfitError(f"on_bad_delta must be 'fallback' or 'raise', got {on_bad_delta!r}")
+        self.store = open_store(store, key, allow_none=True)
         options = ort.SessionOptions()
         options.graph_optimization_level = _LEVELS[graph_optimization]
         if threads:
@@ -172,7 +203,10 @@ class Predictor:
     def _load_user(self, user: str) -> tuple[dict[str, np.ndarray], str | None]:
         """The user's tensors, and why the base model is served instead (None if it is not)."""
         if self.store is None:
-            raise BitfitError("this predictor has no delta store: create it with store=... to serve users")
+            raise InvalidArgumentError(
+                f"user {user!r:.60} was asked for, but this predictor has no delta store (store=False): pass user=None "
+                "for the base model, or create it with store=<path> (None: the platform's data directory)"
+            )
         try:
             delta = self.store.load(user)
             check_delta_fits(delta, base_fingerprint=self.manifest.base_fingerprint, shapes=self.manifest.trainable_shapes)
@@ -263,14 +297,14 @@ class Predictor:
         if user is None or isinstance(user, str):
             users: list[str | None] = [user] * rows
         elif not isinstance(user, Sequence) or isinstance(user, (bytes, bytearray)):
-            raise InvalidUserDataError(f"user must be a str, None, or a list with one id per input row; got {type(user).__name__}")
+            raise InvalidArgumentError(f"user must be a str, None, or a list with one id per input row; got {type(user).__name__}")
         else:
             users = list(user)
             if len(users) != rows:
-                raise InvalidUserDataError(f"user has {len(users)} entries for {rows} inputs; give one per input row")
+                raise InvalidArgumentError(f"user has {len(users)} entries for {rows} inputs; give one per input row")
         for u in users:
             if u is not None and (not isinstance(u, str) or not u):
-                raise InvalidUserDataError(f"user ids must be non-empty strings or None, got {u!r}")
+                raise InvalidArgumentError(f"user ids must be non-empty strings or None, got {u!r}")
         fallbacks: dict[str, str] = {}
         chunks = []
         for start in range(0, rows, self.batch_size):

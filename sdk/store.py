@@ -38,16 +38,20 @@ from .errors import (
     DeltaNotFoundError,
     InvalidArgumentError,
     InvalidUserDataError,
+    MissingDependencyError,
     StoreBusyError,
+    StoreReadError,
     StoreWriteError,
 )
 
 HEAD_NAME = "HEAD"
 USER_FILE = "user.json"
 LOCK_NAME = ".lock"
+_DOOMED_PREFIX = ".deleted-"  # a user directory being removed by delete(user)
 _VERSION_RE = re.compile(r"v(\d{6,})\.delta")
 _PREFIX_CHARS = 40
 _HASH_CHARS = 32
+_USERDIR_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{_PREFIX_CHARS}}}-[0-9a-f]{{{_HASH_CHARS}}}")
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,15 @@ class DeltaStore:
         raise StoreBusyError(f"the deltas of user {_show(user)} kept changing while loading; try again")
 
     def _load(self, directory: Path, version: int) -> Delta:
-        return load_delta(directory / _version_name(version), key=self._key, context=_context(directory, version))
+        path = directory / _version_name(version)
+        try:
+            return load_delta(path, key=self._key, context=_context(directory, version))
+        except DeltaCorruptError as err:
+            # load_delta reports a file it cannot open as corrupt (chaining the OSError); to the store
+            # that is a read error: recovery must not skip it as damaged and serve an older version.
+            if isinstance(err.__cause__, OSError) and not isinstance(err.__cause__, FileNotFoundError):
+                raise _read_error(path, err.__cause__) from err.__cause__
+            raise
 
     def current_version(self, user: str) -> int | None:
         """The current version of ``user``, or None if there is none.
@@ -228,18 +240,20 @@ class DeltaStore:
     def users(self) -> list[str]:
         """The original ids of every user with a directory in the store, sorted.
 
+        Raises:
+            StoreReadError: the root or a user's ``user.json`` cannot be read (permissions, I/O);
+                never an empty or partial list instead.
+
         Example:
             >>> import tempfile
             >>> DeltaStore(tempfile.mkdtemp()).users()
             []
         """
         found: list[str] = []
-        try:
-            entries = list(os.scandir(self.root))
-        except OSError:
-            return []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+        entries = _list_dir(self.root)
+        for entry in entries or []:  # None: no store yet
+            # Only names a user id maps to: a foreign directory (lost+found, ...) is none of ours to read.
+            if not _USERDIR_RE.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
             user = _read_user_file(Path(entry.path))
             if user is not None and _dirname(user) == entry.name:
@@ -345,21 +359,26 @@ class DeltaStore:
             _check_version(version)
         with self._locked(directory, create=False, user=user):
             if version is None:
-                # rmtree removes files in directory order: were HEAD gone and a crash to stop it, the
-                # remaining versions would be "recovered" as current. Remove the versions first, the
-                # current one last, so a crash leaves the user as before or with no delta at all.
-                current = self._state(directory).current
-                files = _version_files(directory)
-                for number in sorted(files, key=lambda v: (v == current, v)):
-                    try:
-                        files[number].unlink()
-                    except OSError as err:
-                        raise StoreWriteError(f"could not delete {files[number]}: {err.strerror or err}") from err
+                # Rename the directory away, then remove it. The rename is atomic: a crash leaves the
+                # user as before or with no delta at all, and a writer waiting on .lock finds no lock
+                # file at the path and starts again (removed in place, a waiter that re-opens the path
+                # while it polls, as filelock does, would re-create .lock in the half-removed directory).
+                self._state(directory)  # refuse (StoreReadError) a user whose files cannot be read
+                doomed = self.root / f"{_DOOMED_PREFIX}{directory.name}-{os.urandom(4).hex()}"
                 try:
-                    # Under the lock, .lock included: a waiter then sees its lock file gone and retries.
-                    shutil.rmtree(directory)
+                    os.rename(directory, doomed)
                 except OSError as err:
-                    raise StoreWriteError(f"could not delete {directory}: {err.strerror or err}") from err
+                    raise StoreWriteError(f"could not delete {directory}: {err.strerror or err}; nothing was deleted") from err
+                for leftover in [doomed, *self.root.glob(f"{_DOOMED_PREFIX}{directory.name}-*")]:
+                    try:
+                        shutil.rmtree(leftover)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as err:
+                        raise StoreWriteError(
+                            f"user {_show(user)} is deleted, but {leftover} could not be removed: {err.strerror or err}; "
+                            "remove it by hand"
+                        ) from err
                 return
             state = self._state(directory)
             if version not in state.versions:
@@ -378,6 +397,14 @@ class DeltaStore:
 
     @contextlib.contextmanager
     def _locked(self, directory: Path, *, create: bool, user: str | None = None) -> Iterator[None]:
+        """Hold ``directory``'s lock; a lock file deleted or replaced while waiting is retried.
+
+        ``delete(user)`` removes the directory, ``.lock`` included, under the lock; a waiter
+        then holds a lock on a file nobody else will open. filelock's public ``on_acquired``
+        hands over the locked descriptor, whose identity (device, inode) is compared with the
+        file now at the path: a mismatch or a vanished path means "start again".
+        """
+        import filelock
         from filelock import FileLock, Timeout
 
         lock_path = directory / LOCK_NAME
@@ -391,7 +418,14 @@ class DeltaStore:
                     ) from err
             elif not directory.is_dir():
                 raise DeltaNotFoundError(f"user {_show(user or '')} has no deltas in {self.root}")
-            lock = FileLock(str(lock_path), timeout=self.lock_timeout)
+            held: list[os.stat_result] = []
+            try:
+                lock = FileLock(str(lock_path), timeout=self.lock_timeout, on_acquired=lambda fd: held.append(os.fstat(fd)))
+            except TypeError as err:  # on_acquired is filelock >= 3.30
+                raise MissingDependencyError(
+                    f"filelock {filelock.__version__} cannot report which file it locked (no on_acquired), so the "
+                    "store cannot make sure a deleted user's lock is not shared: pip install 'filelock>=3.30'"
+                ) from err
             try:
                 lock.acquire()
             except Timeout as err:
@@ -399,10 +433,25 @@ class DeltaStore:
                     f"another process has held {lock_path} for over {self.lock_timeout:g}s; "
                     "try again later or raise lock_timeout"
                 ) from err
+            except FileNotFoundError:
+                continue  # the directory was deleted while we waited: start again
             except OSError as err:
-                raise StoreWriteError(f"could not open the lock {lock_path}: {err.strerror or err}") from err
-            if _holds(lock, lock_path):
-                break
+                raise StoreWriteError(
+                    f"could not lock {lock_path}: {err.strerror or err}; check the directory's permissions, and that "
+                    "its filesystem supports file locks (flock; some network filesystems do not): use a local disk"
+                ) from err
+            try:
+                if not held:  # the guard cannot work: refuse rather than run unguarded
+                    raise StoreWriteError(
+                        f"filelock {filelock.__version__} locked {lock_path} without calling on_acquired, so the store "
+                        "cannot check that it holds the lock on the file at that path; nothing was changed: "
+                        "install a filelock release whose on_acquired works (pip install -U filelock)"
+                    )
+                if _holds(held[-1], lock_path):
+                    break
+            except BaseException:
+                lock.release()
+                raise
             lock.release()  # the directory was deleted (and maybe re-created) while we waited
         else:
             raise StoreBusyError(f"{directory} kept being deleted and re-created; try again")
@@ -417,12 +466,14 @@ class DeltaStore:
         if head is not None and (head[0] is None or head[0] in files):
             current, latest = head
             return _State(current, latest, sorted(v for v in files if v <= latest))
-        # HEAD missing, unreadable or naming a lost file: the newest version that decodes is current.
+        # HEAD missing, invalid or naming a lost file: the newest version that decodes is current.
+        # (A HEAD or version file that exists but cannot be read raised StoreReadError instead:
+        # guessing the current version then could undo a rollback.)
         latest = max([*files, head[1] if head else 0], default=0)
         current = None
         for version in sorted(files, reverse=True):
             try:
-                load_delta(files[version], key=self._key, context=_context(directory, version))
+                self._load(directory, version)
             except (DeltaCorruptError, DeltaNotFoundError):
                 continue
             current = version
@@ -440,7 +491,7 @@ class DeltaStore:
     def _remove_leftovers(self, directory: Path) -> None:
         """Remove temp files of writers that crashed, and version files HEAD never committed."""
         head = _read_head(directory)
-        for entry in os.scandir(directory):
+        for entry in _list_dir(directory) or []:
             match = _VERSION_RE.fullmatch(entry.name)
             stray = entry.name.startswith(TEMP_PREFIX) or (head is not None and match and int(match[1]) > head[1])
             if stray:
@@ -458,9 +509,9 @@ class DeltaStore:
 
 def _check_user(user: Any) -> None:
     if not isinstance(user, str):
-        raise InvalidUserDataError(f"user id must be a str, got {type(user).__name__}")
+        raise InvalidArgumentError(f"user id must be a str, got {type(user).__name__}")
     if not user:
-        raise InvalidUserDataError("user id must not be empty")
+        raise InvalidArgumentError("user id must not be empty")
 
 
 def _context(directory: Path, version: int) -> bytes:
@@ -498,12 +549,8 @@ def _version_name(version: int) -> str:
 
 
 def _version_files(directory: Path) -> dict[int, Path]:
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return {}
     files = {}
-    for entry in entries:
+    for entry in _list_dir(directory) or []:  # None: the user has no directory
         match = _VERSION_RE.fullmatch(entry.name)
         if match and entry.is_file(follow_symlinks=False) and int(match[1]) >= 1:
             files[int(match[1])] = Path(entry.path)
@@ -511,9 +558,21 @@ def _version_files(directory: Path) -> dict[int, Path]:
 
 
 def _read_head(directory: Path) -> tuple[int | None, int] | None:
+    """HEAD's (current, latest); None if it is missing or invalid (then the store recovers).
+
+    Any other failure to read it raises StoreReadError: recovering from a HEAD that is only
+    unreadable (permissions, I/O) could make a rolled-back version current again.
+    """
+    path = directory / HEAD_NAME
     try:
-        head = json.loads((directory / HEAD_NAME).read_bytes())
-    except (OSError, ValueError, RecursionError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _read_error(path, err) from err
+    try:
+        head = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
     if not isinstance(head, dict):
         return None
@@ -526,24 +585,56 @@ def _read_head(directory: Path) -> tuple[int | None, int] | None:
 
 
 def _read_user_file(directory: Path) -> str | None:
+    """The original user id in ``user.json``; None if the file is missing or invalid.
+
+    Raises:
+        StoreReadError: the file exists but cannot be read.
+    """
+    path = directory / USER_FILE
     try:
-        user = json.loads((directory / USER_FILE).read_bytes()).get("user")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _read_error(path, err) from err
+    try:
+        user = json.loads(raw).get("user")
+    except (ValueError, AttributeError, RecursionError):
         return None
     return user if isinstance(user, str) and user else None
 
 
-def _holds(lock: Any, lock_path: Path) -> bool:
-    """True if the lock we hold is on the file now at ``lock_path`` (not a deleted one)."""
+def _holds(held: os.stat_result, lock_path: Path) -> bool:
+    """True if ``held`` (the locked descriptor's stat) is the file now at ``lock_path``, not one
+    deleted or replaced while we waited."""
     try:
         on_disk = os.stat(lock_path)
-    except OSError:
+    except FileNotFoundError:
         return False
-    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
-    if fd is None:
-        return True  # filelock internals changed: fall back to "the file exists"
+    except OSError as err:
+        raise _read_error(lock_path, err) from err
+    return os.path.samestat(held, on_disk)
+
+
+def _list_dir(directory: Path) -> list[os.DirEntry] | None:
+    """The entries of ``directory``; None if it does not exist.
+
+    Raises:
+        StoreReadError: it exists but cannot be listed (permissions, not a directory, I/O).
+    """
     try:
-        held = os.fstat(fd)
-    except OSError:
-        return True
-    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _read_error(directory, err) from err
+
+
+def _read_error(path: Path, err: OSError) -> StoreReadError:
+    out = StoreReadError(
+        f"could not read {path}: {err.strerror or err}; check that this process may read the store "
+        "(permissions, owner, the disk), then try again. Nothing was treated as missing and no delta was changed"
+    )
+    out.errno = err.errno
+    return out

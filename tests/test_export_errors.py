@@ -39,10 +39,26 @@ def net_onnx(path) -> tuple[torch.nn.Module, dict]:
     return model, inputs
 
 
-def test_error_hierarchy():
-    assert issubclass(UnsupportedModelError, ExportError)
-    assert issubclass(ValidationFailedError, ExportError)
-    assert issubclass(ExportError, BitfitError)
+def test_export_failures_are_caught_as_export_error_and_reported_by_the_command(tmp_path, capsys, monkeypatch):
+    # One `except ExportError` (and the command's `except BitfitError`) catches every kind of failure.
+    import bitfit.export.pipeline as pipeline
+    from bitfit.sdk.cli import main
+
+    save_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "r",
+                                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                                 [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])]),
+               tmp_path / "r.onnx")
+    with pytest.raises(ExportError) as err:
+        export_bundle(tmp_path / "r.onnx", tmp_path / "b")
+    assert type(err.value) is UnsupportedModelError and isinstance(err.value, BitfitError)
+    assert main(["export", str(tmp_path / "r.onnx"), str(tmp_path / "b")]) == 2
+    assert "bitfit: error: UnsupportedModelError:" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "validate_bundle", fail_validation)
+    model, inputs = tm.mlp()
+    with pytest.raises(ExportError) as err:
+        export_bundle(model, tmp_path / "c", example_inputs=inputs)
+    assert type(err.value) is ValidationFailedError
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.onnx"]
 
 
 def test_model_without_biases(tmp_path):

@@ -31,8 +31,17 @@ def bert_biases(bert):
     return find_biases(bert[2])
 
 
-def test_policy_names():
-    assert POLICIES == ("all-biases", "paper-subset", "all-biases+head", "paper-subset+head")
+def test_every_listed_policy_selects_its_own_set(bert, bert_biases):
+    # Every name in POLICIES is accepted and means something different: the paper subset is a
+    # strict part of all biases, and "+head" adds the classifier weight to either.
+    selections = {policy: select_trainable(bert[2], bert_biases, policy) for policy in POLICIES}
+    assert set(POLICIES) == {"all-biases", "paper-subset", "all-biases+head", "paper-subset+head"}
+    everything, paper = set(selections["all-biases"].names), set(selections["paper-subset"].names)
+    assert paper < everything and paper
+    for base in ("all-biases", "paper-subset"):
+        plain, head = selections[base], selections[f"{base}+head"]
+        assert plain.head_weight is None and head.head_weight == "inner.classifier.weight"
+        assert set(head.names) == set(plain.names) | {"inner.classifier.weight"}
 
 
 def test_all_biases_selects_every_bias_in_graph_order(bert, bert_biases):
@@ -185,8 +194,14 @@ def test_no_biases_is_an_unsupported_model_not_a_policy_error():
         select_trainable(graph, [], "all-biases")
 
 
-def test_policy_error_is_an_export_error_and_a_value_error():
-    assert issubclass(PolicyError, ExportError) and issubclass(PolicyError, ValueError)
+def test_a_bad_policy_is_caught_as_export_error_and_as_value_error(tmp_path):
+    # Callers catch a bad argument as ValueError and any export failure as ExportError: both work.
+    model, inputs = tm.mlp()
+    with pytest.raises(ValueError, match="unknown policy 'bogus'"):
+        export_bundle(model, tmp_path / "a", example_inputs=inputs, policy="bogus")
+    with pytest.raises(ExportError, match="include regex 'no-such-tensor' matched no float initializer"):
+        export_bundle(model, tmp_path / "b", example_inputs=inputs, include=["no-such-tensor"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def _graph_with_head(extra_int: bool = False) -> onnx.ModelProto:

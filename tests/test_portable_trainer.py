@@ -707,7 +707,7 @@ def test_personalize_on_cuda_with_the_portable_backend(text_bundle: Path, tmp_pa
         pytest.skip("this onnxruntime build has no CUDA provider")
     from bitfit.sdk import Personalizer
 
-    result = Personalizer(text_bundle, tmp_path, device="cuda", backend="portable").personalize(text_data(24), user="g", **QUICK)
+    result = Personalizer(text_bundle, tmp_path, providers="cuda", backend="portable").personalize(text_data(24), user="g", **QUICK)
     assert result.backend == "portable" and result.steps > 0
 
 

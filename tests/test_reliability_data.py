@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import reliability_fixtures as rf
-from bitfit.sdk import errors
 from bitfit.sdk.errors import (
     BitfitError,
     BudgetExceededError,
+    InvalidArgumentError,
     InvalidUserDataError,
-    StoreWriteError,
+    StoreReadError, StoreWriteError,
     TrainingDivergedError,
 )
 from bitfit.sdk.personalizer import Personalizer
@@ -292,10 +292,10 @@ def test_hostile_user_ids_stay_inside_and_never_collide(text_bundle, tmp_path):
 
 @pytest.mark.parametrize("user", ["", None, 3, b"bytes"])
 def test_invalid_user_ids_are_refused(text_p, user):
-    with pytest.raises(InvalidUserDataError):
+    with pytest.raises(InvalidArgumentError):
         text_p.personalize(GOOD_TEXT, user=user)
     if user is not None:
-        with pytest.raises(InvalidUserDataError):
+        with pytest.raises(InvalidArgumentError):
             text_p.predict(["good day"], user=user)
 
 
@@ -381,7 +381,8 @@ def test_store_root_is_a_file(numeric_bundle, tmp_path):
     p = Personalizer(numeric_bundle, root)
     with pytest.raises(BitfitError) as info:
         p.personalize(rf.numeric_data(12), user="u", epochs=1)
-    assert isinstance(info.value, StoreWriteError)
+    # The first store access is a read (the user's current delta): refused as such, naming the root.
+    assert isinstance(info.value, StoreReadError) and str(root) in str(info.value)
 
 
 # ------------------------------------------------------------------------------ what the errors say
@@ -389,14 +390,6 @@ def test_store_root_is_a_file(numeric_bundle, tmp_path):
 
 ADVICE = ("pass", "use", "re-export", "personalize", "lower", "try", "delete", "check", "free", "copy", "raise",
           "install", "drop", "give", "fix", "decode", "clean", "reset", "upgrade", "export", "create", "sample", "pick")
-
-
-def test_every_error_type_exists_under_one_base():
-    for name in ("InvalidUserDataError", "BundleInvalidError", "DeltaCorruptError", "DeltaMismatchError",
-                 "StoreBusyError", "TrainingDivergedError", "BudgetExceededError", "ProviderUnavailableError",
-                 "StoreWriteError", "DecryptionError", "DeltaNotFoundError"):
-        cls = getattr(errors, name)
-        assert issubclass(cls, errors.BitfitError) and cls.__doc__, name
 
 
 def test_error_messages_say_what_was_wrong_and_what_to_do(text_p, numeric_bundle, tmp_path, monkeypatch):
@@ -436,9 +429,13 @@ def test_error_messages_say_what_was_wrong_and_what_to_do(text_p, numeric_bundle
     directory.mkdir(parents=True)
     with FileLock(str(directory / ".lock")):
         capture(lambda: busy.save("z", Delta({"b": np.zeros(1)}, "sha256:00")))
+    capture(lambda: busy.load("nobody"))
+    locked = DeltaStore(tmp_path / "s3", key=bytes(32))
+    locked.save("k", Delta({"b": np.zeros(1)}, "sha256:00"))
+    capture(lambda: DeltaStore(tmp_path / "s3", key=bytes(range(32))).load("k"))
     expected = {"InvalidUserDataError", "BundleInvalidError", "DeltaCorruptError", "DeltaMismatchError",
                 "BudgetExceededError", "TrainingDivergedError", "ProviderUnavailableError", "StoreWriteError",
-                "StoreBusyError"}
+                "StoreBusyError", "DeltaNotFoundError", "DecryptionError"}
     assert expected <= set(raised), set(raised)
     for name, message in raised.items():
         assert len(message) > 30, (name, message)

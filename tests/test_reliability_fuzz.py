@@ -5,7 +5,8 @@
 - ``personalize`` on random ``user_data`` (nested lists, dicts, None, bytes, numbers, arrays
   of any shape and dtype) either trains or raises ``InvalidUserDataError`` /
   ``BudgetExceededError``, and writes nothing to the store when it raises.
-- ``predict`` on random inputs either predicts or raises ``InvalidUserDataError``.
+- ``predict`` on random inputs and user ids either predicts or raises ``InvalidUserDataError``
+  (the inputs) / ``InvalidArgumentError`` (the user ids).
 
 200 examples per property normally, 1000 with ``BITFIT_STRESS=1``.
 """
@@ -24,7 +25,7 @@ from hypothesis.extra import numpy as hnp
 
 import reliability_fixtures as rf
 from bitfit.sdk.bundle import Bundle, Manifest, manifest_checksum
-from bitfit.sdk.errors import BudgetExceededError, BundleInvalidError, InvalidUserDataError
+from bitfit.sdk.errors import BudgetExceededError, BundleInvalidError, InvalidArgumentError, InvalidUserDataError
 from bitfit.sdk.personalizer import Personalizer
 
 text_bundle = rf.session_bundle("text")
@@ -225,7 +226,7 @@ def test_predict_on_random_inputs_predicts_or_raises_a_data_error(text_personali
     for p in (text_personalizer, numeric_personalizer):
         try:
             prediction = p.predict(inputs, user=user)
-        except InvalidUserDataError:
+        except (InvalidUserDataError, InvalidArgumentError):
             continue
         assert np.all(np.isfinite(prediction.logits))
 

@@ -10,7 +10,7 @@ from bitfit.sdk import DeltaStore
 from bitfit.sdk.cli import main
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
-from sdk_fixtures import PROBES, text_data, write_jsonl
+from sdk_fixtures import PROBES, delta_file, text_data, write_jsonl
 
 
 @pytest.fixture
@@ -107,7 +107,9 @@ def test_predict_reports_a_fallback_on_stderr(text_bundle, data_file, tmp_path, 
          "epochs must be an int >= 1"),
         (["personalize", "{bundle}", "--user", "u", "--data", "{data}", "--store", "{tmp}/s", "--holdout", "1.5"],
          "holdout must be in"),
-        (["deltas", "{tmp}/s", "show"], "--user is required"),
+        (["deltas", "{tmp}/s", "show"], "InvalidArgumentError: --user is required"),
+        (["personalize", "{bundle}", "--user", "u", "--data", "{data}", "--store", "{tmp}/s", "--patience", "0"],
+         "InvalidArgumentError: patience must be an int >= 1"),
         (["deltas", "{tmp}/s", "rollback", "--user", "nobody"], "DeltaNotFoundError"),
         (["deltas", "{tmp}/s", "rm", "--user", "nobody"], "DeltaNotFoundError"),
         (["deltas", "{tmp}/s", "rm", "--user", "nobody", "--version", "0"], "version must be an int >= 1"),
@@ -127,3 +129,57 @@ def test_usage_errors_exit_2(text_bundle, capsys):
             main(argv)
         assert exc.value.code == 2
         assert "error" in capsys.readouterr().err
+
+
+def test_store_defaults_to_the_platform_data_directory_for_personalize_and_predict(text_bundle, data_file, tmp_path,
+                                                                                   capsys, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))
+    assert run(capsys, "personalize", text_bundle, "--user", "alice", "--data", data_file, "--epochs", "4",
+               "--batch-size", "8")[0] == 0
+    assert DeltaStore(tmp_path / "data-home" / "bitfit" / "deltas").current_version("alice") == 1
+    code, out, err = run(capsys, "predict", text_bundle, "--user", "alice", *PROBES)
+    assert code == 0 and err == ""
+    assert [line.split("\t")[0] for line in out.strip().splitlines()] == ["pos", "neg", "pos", "neg"]
+
+
+def test_key_file_opens_an_encrypted_store(text_bundle, data_file, tmp_path, capsys):
+    store, key_file = tmp_path / "store", tmp_path / "key"
+    key_file.write_bytes(bytes(range(32)))
+    code, out, _ = run(capsys, "personalize", text_bundle, "--user", "alice", "--data", data_file, "--store", store,
+                       "--key-file", key_file, "--epochs", "4", "--batch-size", "8")
+    assert code == 0 and delta_file(store, "alice", 1).read_bytes().startswith(b"BFDELTA-AESGCM")
+    assert DeltaStore(store, key=bytes(range(32))).load("alice").info["steps"] > 0
+    code, out, err = run(capsys, "predict", text_bundle, "--user", "alice", "--store", store, "--key-file", key_file, *PROBES)
+    assert code == 0 and err == "" and [line.split("\t")[0] for line in out.strip().splitlines()] == ["pos", "neg", "pos", "neg"]
+    code, out, err = run(capsys, "predict", text_bundle, "--user", "alice", "--store", store, PROBES[0])  # no key
+    assert code == 0 and out.startswith("neg\t") and "served the base model" in err
+    code, out, _ = run(capsys, "deltas", store, "show", "--user", "alice", "--key-file", key_file)
+    assert code == 0 and json.loads(out)["version"] == 1
+    key_file.write_bytes(bytes(range(32)) + b"\n")
+    code, out, err = run(capsys, "predict", text_bundle, "--user", "alice", "--store", store, "--key-file", key_file, "x")
+    assert code == 2 and "InvalidArgumentError" in err and "33 bytes" in err and out == ""
+    code, _, err = run(capsys, "deltas", store, "list", "--key-file", tmp_path / "missing")
+    assert code == 2 and "cannot read --key-file" in err
+
+
+def test_patience_learning_rate_and_providers_options(text_bundle, data_file, tmp_path, capsys):
+    store = tmp_path / "store"
+    code, out, _ = run(capsys, "personalize", text_bundle, "--user", "a", "--data", data_file, "--store", store,
+                       "--epochs", "6", "--patience", "off", "--providers", "cpu")
+    assert code == 0 and "stopped by epochs" in out and "learning rate 0.01" in out  # the bundle's rate
+    info = DeltaStore(store).load("a").info
+    assert info["epochs_run"] == 6 and info["learning_rate_from"] == "bundle"
+    code, out, _ = run(capsys, "personalize", text_bundle, "--user", "b", "--data", data_file, "--store", store,
+                       "--epochs", "6", "--patience", "1", "--learning-rate", "0.5")
+    assert code == 0 and "learning rate 0.5" in out
+    assert DeltaStore(store).load("b").info["learning_rate_from"] == "argument"
+    code, out, err = run(capsys, "personalize", text_bundle, "--user", "c", "--data", data_file, "--store", store,
+                         "--max-steps", "1", "--device", "cpu")
+    assert code == 0 and "--device is deprecated: use --providers cpu" in err
+    code, _, err = run(capsys, "predict", text_bundle, "--providers", "gpu", "x")
+    assert code == 2 and "InvalidArgumentError: providers must be" in err
+    code, out, _ = run(capsys, "predict", text_bundle, "--providers", "CPUExecutionProvider,CPUExecutionProvider",
+                       "--verify", "sizes", "--threads", "1", PROBES[0])
+    assert code == 0 and out.startswith("neg\t")
+    with pytest.raises(SystemExit):
+        main(["personalize", str(text_bundle), "--user", "u", "--data", str(data_file), "--patience", "soon"])

@@ -11,7 +11,9 @@ import pytest
 
 from bitfit.sdk import DeltaStore, Personalizer, Progress
 from bitfit.sdk.bundle import Bundle
-from bitfit.sdk.errors import BudgetExceededError, DeltaCorruptError, DeltaMismatchError, InvalidUserDataError, ProviderUnavailableError
+from bitfit.sdk.errors import (
+    BudgetExceededError, DeltaCorruptError, DeltaMismatchError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError,
+)
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
 from sdk_fixtures import (
@@ -84,8 +86,17 @@ def test_numeric_bundle_personalizes_and_predicts(numeric_bundle, tmp_path):
     assert after.logits.shape == (40, 3) and set(after.labels) <= set(NUMERIC_LABELS)
     assert not np.allclose(after.logits, before.logits)
     np.testing.assert_allclose(after.probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert p.evaluate((({"features": features}), labels), user="u")["accuracy"] >= p.evaluate(
-        (({"features": features}), labels))["accuracy"]
+    # A habit biases can learn: this user always means the class the base model predicts least.
+    # Learning it from 40 examples must carry over to 300 unseen ones.
+    rare = int(np.bincount(before.logits.argmax(1), minlength=3).argmin())
+    habit = np.full(40, rare, np.int64)
+    p.personalize({"features": features, "labels": habit}, user="h", epochs=6, learning_rate=3e-2,
+                  batch_size=8, holdout=0, patience=None, progress_bar=False)
+    unseen = {"features": numeric_data(300, seed=11)[0]}
+    base = p.evaluate((unseen, np.full(300, rare)))["accuracy"]
+    personal = p.evaluate((unseen, np.full(300, rare)), user="h")["accuracy"]
+    print(f"numeric habit, unseen accuracy: base {base:.3f} -> with delta {personal:.3f}")
+    assert base < 0.34 and personal >= 0.9, (base, personal)
 
 
 # -- result fields ---------------------------------------------------------------------------
@@ -364,7 +375,7 @@ def test_invalid_numeric_data(numeric_bundle, tmp_path):
 )
 def test_invalid_options(p, options, message):
     kwargs = {"user": "alice", **options}
-    with pytest.raises(InvalidUserDataError, match=message):
+    with pytest.raises(InvalidArgumentError, match=message):
         p.personalize(text_data(8), **kwargs)
 
 
@@ -409,8 +420,8 @@ def test_cuda_device_without_cuda_is_a_typed_error(text_bundle, tmp_path):
 
     if cuda_available():
         pytest.skip("this onnxruntime build has CUDA")
-    p = Personalizer(text_bundle, store=tmp_path, device="cuda")
-    with pytest.raises(ProviderUnavailableError, match="device='cuda'"):
+    p = Personalizer(text_bundle, store=tmp_path, providers="cuda")
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider is not available.*providers='cpu'"):
         p.personalize(text_data(8), user="alice", max_steps=1, progress_bar=False)
     assert p.store.current_version("alice") is None
 

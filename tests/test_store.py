@@ -23,7 +23,9 @@ from bitfit.sdk.errors import (
     DeltaNotFoundError,
     InvalidArgumentError,
     InvalidUserDataError,
+    MissingDependencyError,
     StoreBusyError,
+    StoreReadError,
     StoreWriteError,
 )
 from bitfit.sdk.store import DeltaStore
@@ -196,9 +198,9 @@ def test_hostile_user_ids_stay_inside_root_and_never_collide(tmp_path):
 
 @pytest.mark.parametrize("user", ["", None, 5, b"alice", ["a"]])
 def test_invalid_user_ids_are_refused(store, user):
-    with pytest.raises(InvalidUserDataError):
+    with pytest.raises(InvalidArgumentError):
         store.save(user, delta())
-    with pytest.raises(InvalidUserDataError):
+    with pytest.raises(InvalidArgumentError):
         store.load(user)
 
 
@@ -257,6 +259,120 @@ def test_lock_held_by_another_process_raises_store_busy(tmp_path):
     finally:
         holder.communicate("\n", timeout=10)
     assert store.save("u", delta(1)) == 2
+
+
+def _hold_lock_in_a_subprocess(lock_path: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _in_a_thread(call) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def work() -> None:
+        try:
+            out["value"] = call()
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            out["error"] = err
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_writer_waiting_while_the_user_is_deleted_starts_again(tmp_path, monkeypatch):
+    store = DeltaStore(tmp_path, lock_timeout=10)
+    for i in range(2):
+        store.save("u", delta(i))
+    removing, real_rename = threading.Event(), os.rename
+
+    def slow_rename(src, dst, *args, **kwargs):
+        removing.set()
+        time.sleep(0.5)  # delete() holds the lock; the writers below wait on it
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", slow_rename)
+    deleter, deleted = _in_a_thread(lambda: store.delete("u"))
+    assert removing.wait(10)
+    saver, saved = _in_a_thread(lambda: store.save("u", delta(7)))
+    roller, rolled = _in_a_thread(lambda: store.rollback("u", 1))
+    time.sleep(0.2)
+    assert saver.is_alive() and roller.is_alive()  # waiting on the lock of the directory being deleted
+    for thread in (deleter, saver, roller):
+        thread.join(20)
+    assert deleted == {"value": None}, deleted
+    # The saver started again on a fresh directory (a deleted user starts over at 1); the rollback
+    # found no user, or that fresh version 1: never an error about the lock file.
+    assert saved == {"value": 1}, saved
+    assert rolled.get("value") == 1 or isinstance(rolled.get("error"), DeltaNotFoundError), rolled
+    assert store.versions("u") == [1] and marker(store, "u") == 7
+    assert sorted(p.name for p in store.root.iterdir()) == [store.path_for("u").name]
+
+
+def test_lock_on_a_file_no_longer_at_the_path_is_not_trusted(store, monkeypatch):
+    """The guard: a lock whose descriptor is not the file now at ``.lock`` is released and retaken."""
+    import filelock
+
+    store.save("u", delta(1))
+    directory = store.path_for("u")
+    (directory / "stale.lock").write_bytes(b"")
+    stale = os.open(directory / "stale.lock", os.O_RDONLY)
+    real, calls = filelock.FileLock, []
+
+    def stale_lock(times: int):
+        class Stale(real):  # hands over a descriptor of another file, the first `times` acquires
+            def __init__(self, *args, on_acquired, **kwargs):
+                def report(fd):
+                    calls.append(fd)
+                    on_acquired(stale if len(calls) <= times else fd)
+
+                super().__init__(*args, on_acquired=report, **kwargs)
+
+        return Stale
+
+    try:
+        monkeypatch.setattr(filelock, "FileLock", stale_lock(2))
+        assert store.save("u", delta(2)) == 2 and len(calls) == 3  # two retries, then the real one
+        calls.clear()
+        monkeypatch.setattr(filelock, "FileLock", stale_lock(99))
+        with pytest.raises(StoreBusyError, match="kept being deleted"):
+            store.save("u", delta(3))
+        assert len(calls) == 5
+    finally:
+        os.close(stale)
+    monkeypatch.undo()
+    assert store.versions("u") == [1, 2] and marker(store, "u") == 2
+    assert store.save("u", delta(4)) == 3  # every refused lock was released
+
+
+def test_lock_guard_that_cannot_work_fails_loudly(store, monkeypatch):
+    import filelock
+
+    store.save("u", delta(1))
+    real = filelock.FileLock
+
+    class Old(real):  # a filelock from before on_acquired (3.30)
+        def __init__(self, *args, on_acquired=None, **kwargs):
+            if on_acquired is not None:
+                raise TypeError("__init__() got an unexpected keyword argument 'on_acquired'")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(filelock, "FileLock", Old)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'filelock>=3\.30'"):
+        store.save("u", delta(2))
+
+    class Silent(real):  # accepts on_acquired but never calls it
+        def __init__(self, *args, on_acquired=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(filelock, "FileLock", Silent)
+    with pytest.raises(StoreWriteError, match="without calling on_acquired"):
+        store.rollback("u", 1)
+    monkeypatch.undo()
+    assert store.versions("u") == [1] and marker(store, "u") == 1
+    assert store.save("u", delta(3)) == 2  # the refused lock was released
 
 
 def test_concurrent_saves_get_distinct_versions(tmp_path):
@@ -346,6 +462,110 @@ def test_unwritable_root_raises_store_write_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StoreWriteError):
         DeltaStore(blocker / "store").save("u", delta())
+
+
+# ------------------------------------------------------------------------------ read failures
+# Running as root, chmod does not stop reads: the reads are made to fail with PermissionError.
+
+
+def _deny(monkeypatch, names: set[str]) -> None:
+    """Path.read_bytes of files with these names raises PermissionError."""
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name in names:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+def _deny_listing(monkeypatch, directory: Path) -> None:
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == directory:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def _rolled_back(store: DeltaStore) -> tuple[Path, bytes]:
+    for i in range(3):
+        store.save("u", delta(i))
+    store.rollback("u", 1)
+    head = store.path_for("u") / "HEAD"
+    return head, head.read_bytes()
+
+
+def test_unreadable_head_is_an_error_never_a_recovery(store, monkeypatch):
+    head, before = _rolled_back(store)  # HEAD: current 1, latest 3; recovery would pick 3
+    _deny(monkeypatch, {"HEAD"})
+    for call in (lambda: store.load("u"), lambda: store.current_version("u"), lambda: store.versions("u"),
+                 lambda: store.info("u"), lambda: store.save("u", delta(9)), lambda: store.rollback("u"),
+                 lambda: store.delete("u", 2), lambda: store.delete("u")):
+        with pytest.raises(StoreReadError, match=r"could not read .*HEAD: Permission denied; check") as raised:
+            call()
+        assert raised.value.errno == errno.EACCES
+    monkeypatch.undo()
+    assert head.read_bytes() == before  # HEAD not rewritten
+    assert store.versions("u") == [1, 2, 3] and store.current_version("u") == 1 and marker(store, "u") == 0
+    assert not list(store.path_for("u").glob(".tmp-*")) and not (store.path_for("u") / "v000004.delta").exists()
+
+
+def test_unreadable_user_file_is_an_error(store, monkeypatch):
+    store.save("u", delta(1))
+    store.save("w", delta(2))
+    user_file = store.path_for("u") / "user.json"
+    _deny(monkeypatch, {"user.json"})
+    with pytest.raises(StoreReadError, match=r"user\.json: Permission denied"):
+        store.users()  # not [] nor a list missing users
+    with pytest.raises(StoreReadError, match=r"user\.json"):
+        store.save("u", delta(3))
+    monkeypatch.undo()
+    assert json.loads(user_file.read_text()) == {"user": "u"}
+    assert store.users() == ["u", "w"] and store.versions("u") == [1] and marker(store, "u") == 1
+
+
+def test_unlistable_directories_are_errors(store, monkeypatch):
+    head, before = _rolled_back(store)
+    _deny_listing(monkeypatch, store.root)
+    with pytest.raises(StoreReadError, match="Permission denied"):
+        store.users()
+    monkeypatch.undo()
+    _deny_listing(monkeypatch, store.path_for("u"))
+    for call in (lambda: store.versions("u"), lambda: store.load("u"), lambda: store.save("u", delta(9)),
+                 lambda: store.rollback("u", 2)):
+        with pytest.raises(StoreReadError, match=f"could not read {store.path_for('u')}: Permission denied"):
+            call()
+    monkeypatch.undo()
+    assert head.read_bytes() == before and store.versions("u") == [1, 2, 3] and marker(store, "u") == 0
+    assert DeltaStore(store.root / "none-yet").users() == []  # a store not created yet is empty, not an error
+
+
+def test_unreadable_version_file_is_not_skipped_as_damaged(store, monkeypatch):
+    import bitfit.sdk.delta as delta_module
+
+    for i in range(3):
+        store.save("u", delta(i))
+    directory = store.path_for("u")
+    (directory / "HEAD").unlink()  # recovery must pick the newest version, v3
+    real_open = open
+
+    def deny_v3(path, *args, **kwargs):
+        if Path(path).name == "v000003.delta":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(delta_module, "open", deny_v3, raising=False)
+    with pytest.raises(StoreReadError, match="v000003.delta: Permission denied"):
+        store.current_version("u")  # not "2": an unreadable file is not a damaged one
+    with pytest.raises(StoreReadError):
+        store.save("u", delta(9))
+    monkeypatch.undo()
+    assert not (directory / "HEAD").exists() and store.versions("u") == [1, 2, 3]
+    assert store.current_version("u") == 3 and marker(store, "u") == 2
 
 
 # ------------------------------------------------------------------------------ crash recovery

@@ -1,0 +1,132 @@
+"""The options Personalizer, Predictor and the ``bitfit`` command share, checked in one place
+so that each name means one thing everywhere:
+
+- ``store``: a path or a DeltaStore; ``None`` is the platform's data directory (the same
+  store for training and serving); ``False`` (Predictor only) is no store: the base model.
+- ``providers``: where training *and* inference run: ``"cpu"`` (the default), ``"cuda"``
+  (refused with ProviderUnavailableError where this onnxruntime has no CUDA), ``"auto"``
+  (CUDA where this build has it, else CPU), or a list of execution providers (names or
+  ``(name, options)`` pairs; CPU is always appended as the fallback).
+- ``verify``: how a bundle's files are checked when it is opened (``Bundle.open``).
+
+A wrong value is an InvalidArgumentError that names the accepted ones.
+
+Example:
+    >>> from bitfit.sdk.options import check_providers
+    >>> check_providers("cuda"), check_providers(["CUDAExecutionProvider"])
+    ('cuda', ['CUDAExecutionProvider'])
+    >>> check_providers("gpu")
+    Traceback (most recent call last):
+    ...
+    bitfit.sdk.errors.InvalidArgumentError: providers must be 'cpu', 'cuda', 'auto', an execution provider name (e.g. 'CUDAExecutionProvider') or a list of them, got 'gpu'
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+from .errors import InvalidArgumentError
+
+Verify = Literal["hashes", "sizes", "none"]
+DEFAULT_VERIFY: Verify = "hashes"
+Providers = Union[Literal["cpu", "cuda", "auto"], str, Sequence[Any]]
+DEFAULT_PROVIDERS = "cpu"
+_PROVIDER_WORDS = ("cpu", "cuda", "auto")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else InvalidArgumentError naming them.
+
+    Example:
+        >>> check_choice("verify", "sizes", ("hashes", "sizes", "none"))
+        'sizes'
+    """
+    if not isinstance(value, (str, int, type(None))) or value not in choices:
+        raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_providers(providers: Any) -> Any:
+    """``providers`` if it is a value the SDK accepts (see the module docstring), as a str or a list.
+
+    Example:
+        >>> check_providers(("CPUExecutionProvider", ("CUDAExecutionProvider", {"device_id": 0})))
+        ['CPUExecutionProvider', ('CUDAExecutionProvider', {'device_id': 0})]
+    """
+    if isinstance(providers, str):
+        if providers in _PROVIDER_WORDS or (providers.endswith("ExecutionProvider") and len(providers) > 17):
+            return providers
+    elif isinstance(providers, Sequence) and not isinstance(providers, (bytes, bytearray)):
+        items = list(providers)
+        if all(_is_provider_item(item) for item in items):
+            return [tuple(item) if isinstance(item, (tuple, list)) else item for item in items]
+    raise InvalidArgumentError(
+        "providers must be 'cpu', 'cuda', 'auto', an execution provider name (e.g. 'CUDAExecutionProvider') "
+        f"or a list of them, got {providers!r:.200}"
+    )
+
+
+def _is_provider_item(item: Any) -> bool:
+    if isinstance(item, str):
+        return item.endswith("ExecutionProvider")
+    return (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+            and item[0].endswith("ExecutionProvider") and isinstance(item[1], dict))
+
+
+def providers_from_device(providers: Any, device: Any, *, stacklevel: int = 3) -> Any:
+    """``providers``, or the value the deprecated ``device=`` alias maps onto (with a DeprecationWarning).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     providers_from_device("cpu", "cuda")
+        'cuda'
+    """
+    if device is None:
+        return check_providers(providers)
+    warnings.warn(
+        f"device={device!r} is deprecated: pass providers={device!r} (one option for training and inference)",
+        DeprecationWarning, stacklevel=stacklevel,
+    )
+    check_choice("device", device, ("cpu", "cuda"))
+    if providers != DEFAULT_PROVIDERS and providers != device:
+        raise InvalidArgumentError(
+            f"device={device!r} and providers={providers!r} disagree: pass providers= alone (device= is deprecated)"
+        )
+    return device
+
+
+def open_store(store: Any, key: bytes | None, *, allow_none: bool) -> Any:
+    """The DeltaStore for a ``store`` option: a path, a DeltaStore, None (the platform's data
+    directory), or, when ``allow_none``, False for no store (returns None).
+
+    Example:
+        >>> open_store(False, None, allow_none=True) is None
+        True
+    """
+    from .store import DeltaStore
+
+    if store is False and allow_none:
+        if key is not None:
+            raise InvalidArgumentError("key= was given with store=False (no store): pass a store to read encrypted deltas")
+        return None
+    if isinstance(store, DeltaStore):
+        if key is not None and not store.uses_key(key):
+            # Ignoring it would write plain deltas while the app believes they are encrypted.
+            raise InvalidArgumentError(
+                "key= was given together with a DeltaStore that does not use that key: create the DeltaStore "
+                "with key=..., or pass the store as a path"
+            )
+        return store
+    if store is None or isinstance(store, (str, os.PathLike)):
+        return DeltaStore(store, key=key)
+    accepted = "a path, a DeltaStore, None (the platform's data directory)" + (" or False (no store)" if allow_none else "")
+    raise InvalidArgumentError(f"store must be {accepted}, got {store!r:.100}")
+
+
+__all__ = ["Verify", "DEFAULT_VERIFY", "Providers", "DEFAULT_PROVIDERS", "check_choice", "check_providers",
+           "providers_from_device", "open_store"]
