@@ -557,19 +557,25 @@ def _version_files(directory: Path) -> dict[int, Path]:
     return files
 
 
+def _read_if_present(path: Path) -> bytes | None:
+    """The file's bytes, or None if it does not exist; any other failure is a StoreReadError."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _read_error(path, err) from err
+
+
 def _read_head(directory: Path) -> tuple[int | None, int] | None:
     """HEAD's (current, latest); None if it is missing or invalid (then the store recovers).
 
     Any other failure to read it raises StoreReadError: recovering from a HEAD that is only
     unreadable (permissions, I/O) could make a rolled-back version current again.
     """
-    path = directory / HEAD_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read_if_present(directory / HEAD_NAME)
+    if raw is None:
         return None
-    except OSError as err:
-        raise _read_error(path, err) from err
     try:
         head = json.loads(raw)
     except (ValueError, RecursionError):
@@ -590,13 +596,9 @@ def _read_user_file(directory: Path) -> str | None:
     Raises:
         StoreReadError: the file exists but cannot be read.
     """
-    path = directory / USER_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read_if_present(directory / USER_FILE)
+    if raw is None:
         return None
-    except OSError as err:
-        raise _read_error(path, err) from err
     try:
         user = json.loads(raw).get("user")
     except (ValueError, AttributeError, RecursionError):

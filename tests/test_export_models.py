@@ -287,12 +287,7 @@ def torch_to_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path)
 @pytest.fixture(scope="module")
 def distinct_net():
     """A ZeroBiasNet with random (distinct) biases, so its plain export keeps every bias."""
-    model, inputs = tm.zero_bias_net()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.3)
-    return model, inputs
+    return tm.distinct_bias_net()
 
 
 def test_onnx_file_source(distinct_net, tmp_path, check_bundle):

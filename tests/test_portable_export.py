@@ -44,12 +44,7 @@ def torch_to_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path:
 
 def distinct_net():
     """ZeroBiasNet with random, distinct biases (a plain ONNX export keeps each one)."""
-    model, inputs = tm.zero_bias_net()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.3)
-    return model, inputs
+    return tm.distinct_bias_net()
 
 
 def wide_mlp():

@@ -174,6 +174,16 @@ class NoBiasNet(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def distinct_bias_net(seed: int = 1):
+    """ZeroBiasNet with random, distinct values everywhere, so a plain ONNX export keeps each bias."""
+    model, inputs = zero_bias_net()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    return model, inputs
+
+
 def no_bias_net(seed: int = 0):
     torch.manual_seed(seed)
     return NoBiasNet().eval(), {"x": torch.randn(2, 4)}
