@@ -45,6 +45,7 @@ from onnx import helper, numpy_helper
 from bitfit.sdk.bundle import LossName
 from bitfit.sdk.errors import UnsupportedModelError
 
+from .inference_graph import observe_output_shapes
 from .repairs import freeze_batchnorm_statistics
 
 GRADIENT_FILE = "portable_gradient.onnx"
@@ -154,7 +155,6 @@ class _GradientBuilder:
         self.counter = 0
         self.shapes: dict[str, list[tuple[int, ...]]] = {}
         self.shape_cache: dict[str, str] = {}
-        self.loss_nodes: list[onnx.NodeProto] = []
         self.zero_gradient: list[str] = []
         self._ensure_layernorm_stats()
 
@@ -227,35 +227,22 @@ class _GradientBuilder:
 
     def observe_shapes(self, example_inputs: Mapping[str, np.ndarray]) -> None:
         """Run the forward graph at two batch sizes and record every float value's shape."""
-        from bitfit.sdk.runtime import ort
-
         graph_inputs = [i.name for i in self.graph.input if i.name not in {x.name for x in self.graph.initializer}]
         feeds = {k: np.asarray(example_inputs[k]) for k in graph_inputs if k in example_inputs}
         if len(feeds) != len(graph_inputs):
             raise NoPortableModel(f"no example value for inputs {sorted(set(graph_inputs) - set(feeds))}")
-        probe = onnx.ModelProto.FromString(self.model.SerializeToString())
-        known = {o.name for o in probe.graph.output}
-        values = [o for n in self.graph.node if n.op_type not in ("Constant",) for o in n.output if o]
-        probe.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in values if v not in known)
-        names = [o.name for o in probe.graph.output]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        values = [o for n in self.graph.node if n.op_type != "Constant" for o in n.output if o]
         try:
-            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            bigger = {k: np.concatenate([v, v[:1]], axis=0) if v.ndim else v for k, v in feeds.items()}
-            runs = [session.run(names, feeds), session.run(names, bigger)]
+            self.shapes = observe_output_shapes(self.model, list(dict.fromkeys(values)), feeds)
         except Exception as err:  # noqa: BLE001 - any ORT failure means we cannot observe shapes
             raise NoPortableModel(f"the forward graph did not run at two batch sizes to observe shapes ({err})") from err
-        for index, name in enumerate(names):
-            self.shapes[name] = [tuple(np.shape(run[index])) for run in runs]
         for name, value in feeds.items():
-            self.shapes[name] = [value.shape, bigger[name].shape]
+            self.shapes[name] = [value.shape, (value.shape[0] + 1, *value.shape[1:]) if value.ndim else value.shape]
 
     # ---- loss ----------------------------------------------------------------------------
     def add_loss(self, loss: LossName, ignore_index: int | None) -> None:
         """Append the loss and seed the backward pass with d loss / d output."""
         out = self.output_name
-        start = len(self.new_nodes)
         rank = self.rank(out)
         if loss == "cross-entropy":
             if rank != 2:
@@ -304,7 +291,6 @@ class _GradientBuilder:
             raise NoPortableModel(f"unknown loss {loss!r}")
         self.new_nodes.append(helper.make_node("Identity", [value], [LOSS_OUTPUT], name="bitfit.grad/loss"))
         self.loss_value_nodes = len(self.new_nodes)
-        self.loss_start = start
         self.loss = loss
         self.grads: dict[str, list[str]] = defaultdict(list)
         self.grads[out].append(seed)
@@ -817,9 +803,7 @@ def _prune(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs are refused upstream; nothing to follow here
-                pass
+            needed.update(i for i in node.input if i)  # subgraphs are refused upstream: nothing else to follow
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)

@@ -49,9 +49,11 @@ def observe_output_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # shapes only: no rewrites needed
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     wanted = list(names)
-    bigger = {k: np.concatenate([v, v[:1]], axis=0) for k, v in feeds.items()}
+    bigger = {k: np.concatenate([v, v[:1]], axis=0) if v.ndim else v for k, v in feeds.items()}
     runs = [session.run(wanted, feeds), session.run(wanted, bigger)]
     return {n: [tuple(run[i].shape) for run in runs] for i, n in enumerate(wanted)}
 

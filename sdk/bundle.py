@@ -461,19 +461,29 @@ class Bundle:
             >>> Bundle(Path("/nonexistent"), None).file_problems([])
             []
         """
+        unlisted = [f"the manifest lists no {key}" for key in keys if key not in self.manifest.files]
+        return unlisted + self.path_problems([_inside(self.path, self.manifest.files[k].path) for k in keys
+                                              if k in self.manifest.files])
+
+    def path_problems(self, paths: list[Path]) -> list[str]:
+        """What is wrong with these files: missing, or (for a file the manifest lists) its size or sha256.
+
+        Example:
+            >>> Bundle(Path("/nonexistent"), None).path_problems([Path("/nonexistent/x.onnx")])
+            ['x.onnx is missing']
+        """
+        # Resolved on both sides: a bundle opened by a relative path or through a link still
+        # finds each file's manifest entry.
+        listed = {_inside(self.path, entry.path): entry for entry in self.manifest.files.values()} if self.manifest else {}
         problems = []
-        for key in keys:
-            entry = self.manifest.files.get(key)
-            if entry is None:
-                problems.append(f"the manifest lists no {key}")
-                continue
-            path = _inside(self.path, entry.path)
+        for path in paths:
+            entry = listed.get(path.resolve())
             if not path.is_file():
-                problems.append(f"{entry.path} is missing")
-            elif path.stat().st_size != entry.bytes:
-                problems.append(f"{entry.path} has {path.stat().st_size} bytes, the manifest says {entry.bytes}")
-            elif sha256_file(path) != entry.sha256:
-                problems.append(f"{entry.path} does not match its sha256 in the manifest")
+                problems.append(f"{path.name} is missing")
+            elif entry is not None and path.stat().st_size != entry.bytes:
+                problems.append(f"{path.name} has {path.stat().st_size} bytes, the manifest says {entry.bytes}")
+            elif entry is not None and sha256_file(path) != entry.sha256:
+                problems.append(f"{path.name} does not match its sha256 in the manifest")
         return problems
 
     def trainable_base(self) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .bundle import Bundle, sha256_file
+from .bundle import Bundle
 from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, InvalidUserDataError,
     ProviderUnavailableError, ResourceExhaustedError,
@@ -187,22 +187,12 @@ class PortableTrainingSession:
         """Problems with the model file or the bundle files it reads (missing, size, sha256)."""
         from .onnx_refs import external_data_locations
 
-        listed = {self.bundle.path / entry.path: entry for entry in self.bundle.manifest.files.values()}
         files = [model]
         try:
             files += [model.parent / loc for loc in dict.fromkeys(external_data_locations(model)) if loc]
         except (BundleInvalidError, OSError):
             files.append(self.bundle.file("weights"))  # the model's protobuf is unreadable: its hash says so
-        problems = []
-        for file in files:
-            entry = listed.get(file)
-            if not file.is_file():
-                problems.append(f"{file.name} is missing")
-            elif entry is not None and file.stat().st_size != entry.bytes:
-                problems.append(f"{file.name} has {file.stat().st_size} bytes, the manifest says {entry.bytes}")
-            elif entry is not None and sha256_file(file) != entry.sha256:
-                problems.append(f"{file.name} does not match its sha256 in the manifest")
-        return problems
+        return self.bundle.path_problems(files)
 
     def _check_models(self) -> None:
         """The three models take and give what the spec and the manifest say (else: altered)."""
