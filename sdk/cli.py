@@ -26,7 +26,9 @@ import json
 import sys
 from typing import Any
 
+from . import cli_deltas
 from .errors import BitfitError, InvalidArgumentError
+from .options import key_from_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,12 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime_options(pr)
     pr.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
 
-    de = sub.add_parser("deltas", help="inspect and manage a delta store")
-    de.add_argument("store")
-    de.add_argument("action", choices=["list", "show", "rollback", "rm"])
-    de.add_argument("--user")
-    de.add_argument("--version", type=int)
-    de.add_argument("--key-file", help="file holding the store's AES key (16, 24 or 32 bytes)")
+    cli_deltas.add_parser(sub)
 
     info = sub.add_parser("info", help="show a bundle's manifest summary")
     info.add_argument("bundle")
@@ -133,19 +130,7 @@ def _providers(args: argparse.Namespace) -> Any:
 
 
 def _key(args: argparse.Namespace) -> bytes | None:
-    if not getattr(args, "key_file", None):
-        return None
-    try:
-        with open(args.key_file, "rb") as fh:
-            key = fh.read(4096)
-    except OSError as err:
-        raise InvalidArgumentError(f"cannot read --key-file {args.key_file}: {err.strerror or err}") from err
-    if len(key) not in (16, 24, 32):
-        raise InvalidArgumentError(
-            f"--key-file {args.key_file} holds {len(key)} bytes; an AES key is 16, 24 or 32 bytes (the raw bytes, "
-            "no newline or hex), e.g. written once with `head -c 32 /dev/urandom > KEYFILE`"
-        )
-    return key
+    return key_from_file(args.key_file) if getattr(args, "key_file", None) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,28 +216,6 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deltas(args: argparse.Namespace) -> int:
-    from .store import DeltaStore
-
-    store = DeltaStore(args.store, key=_key(args))
-    if args.action == "list":
-        users = [args.user] if args.user else store.users()
-        for user in users:
-            print(f"{user}\tcurrent v{store.current_version(user)}\tversions {store.versions(user)}")
-        return 0
-    if not args.user:
-        raise InvalidArgumentError("--user is required for show, rollback and rm")
-    if args.action == "show":
-        for row in store.info(args.user):
-            print(json.dumps(row, default=str))
-    elif args.action == "rollback":
-        print(f"{args.user}: current version is now v{store.rollback(args.user, args.version)}")
-    else:
-        store.delete(args.user, args.version)
-        print(f"{args.user}: deleted {'v' + str(args.version) if args.version else 'all versions'}")
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from bitfit.export.demo import run_demo
 
@@ -260,7 +223,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"export": _export, "personalize": _personalize, "predict": _predict, "deltas": _deltas,
+_COMMANDS = {"export": _export, "personalize": _personalize, "predict": _predict, "deltas": cli_deltas.run,
              "info": _info, "demo": _demo}
 
 if __name__ == "__main__":

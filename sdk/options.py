@@ -128,5 +128,33 @@ def open_store(store: Any, key: bytes | None, *, allow_none: bool) -> Any:
     raise InvalidArgumentError(f"store must be {accepted}, got {store!r:.100}")
 
 
-__all__ = ["Verify", "DEFAULT_VERIFY", "Providers", "DEFAULT_PROVIDERS", "check_choice", "check_providers",
+__all__ = ["Verify", "DEFAULT_VERIFY", "Providers", "DEFAULT_PROVIDERS", "check_choice", "check_providers", "key_from_file",
            "providers_from_device", "open_store"]
+
+
+def key_from_file(path: str | os.PathLike) -> bytes:
+    """The AES key a key file holds: its raw bytes, 16, 24 or 32 of them (``--key-file``).
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "key")
+        >>> _ = open(path, "wb").write(bytes(32))
+        >>> len(key_from_file(path))
+        32
+        >>> _ = open(path, "wb").write(b"secret\\n")
+        >>> key_from_file(path)
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidArgumentError: key file ... holds 7 bytes; an AES key is 16, 24 or 32 bytes (the raw bytes, no newline or hex), e.g. written once with `head -c 32 /dev/urandom > KEYFILE`
+    """
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read(4096)
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot read key file {path}: {err.strerror or err}") from err
+    if len(key) not in (16, 24, 32):
+        raise InvalidArgumentError(
+            f"key file {path} holds {len(key)} bytes; an AES key is 16, 24 or 32 bytes (the raw bytes, "
+            "no newline or hex), e.g. written once with `head -c 32 /dev/urandom > KEYFILE`"
+        )
+    return key
