@@ -30,7 +30,8 @@ import onnx
 from onnx import numpy_helper
 
 from bitfit.sdk.bundle import Task, TextSpec
-from bitfit.sdk.errors import ExportError, UnsupportedModelError
+from bitfit.sdk.errors import BundleInvalidError, ExportError, UnsupportedModelError
+from bitfit.sdk.onnx_refs import external_data_refs
 
 SourceKind = Literal["torch", "hf", "onnx", "minilm"]
 HFTask = Literal["text-classification", "token-classification", "feature-extraction"]
@@ -274,21 +275,46 @@ def _keep_outputs(model: onnx.ModelProto, names: list[str]) -> None:
 
 
 def check_external_data(model_path: Path) -> None:
-    """Refuse an .onnx file whose external data points outside its own directory."""
+    """Refuse an .onnx file whose external data would be read from outside its own directory.
+
+    Every tensor is checked wherever it sits (initializers, ``Constant`` attributes, ``If`` /
+    ``Loop`` bodies, sparse tensors, training info, functions): ``onnx.load`` reads the
+    external data of all of them, and onnxruntime takes ORT's ``*/_ORT_MEM_ADDR_/*`` tag as a
+    memory address. The walker is :mod:`bitfit.sdk.onnx_refs`, the one ``Bundle.open`` uses.
+
+    Raises:
+        UnsupportedModelError: a location is absolute, leaves the model's folder, is missing
+            or is ORT's in-memory tag; the message names the tensor and where it sits.
+        ExportError: the file cannot be read or is not a protobuf.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from onnx import TensorProto, helper
+        >>> w = helper.make_tensor("w", TensorProto.FLOAT, [2], [0.0, 0.0])
+        >>> w.data_location = TensorProto.EXTERNAL
+        >>> _ = w.external_data.add(key="location", value="../secret.bin")
+        >>> const = helper.make_node("Constant", [], ["y"], value=w)       # hidden in an attribute
+        >>> g = helper.make_graph([const], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.onnx"
+        >>> _ = path.write_bytes(helper.make_model(g).SerializeToString())
+        >>> check_external_data(path)
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.UnsupportedModelError: tensor 'w' (graph.node[0].attribute[0].t[0]) stores its data at '../secret.bin', outside ...
+    """
     try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as err:  # onnx raises protobuf's DecodeError and friends
+        refs = external_data_refs(model_path.read_bytes())
+    except (BundleInvalidError, OSError) as err:
         raise ExportError(f"{model_path} is not a readable ONNX model ({err})") from err
     root = model_path.parent.resolve()
-    for init in model.graph.initializer:
-        if init.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in init.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if Path(location).is_absolute() or root not in target.parents:
+    for ref in refs:
+        location = ref.location or ""
+        inside = (bool(location) and "\0" not in location and "_ORT_MEM_ADDR_" not in location
+                  and not Path(location).is_absolute() and root in (root / location).resolve().parents)
+        if not inside:
+            where = f"stores its data at {location!r}, outside {root}" if location else "is external data without a location"
             raise UnsupportedModelError(
-                f"initializer {init.name} stores its data at {location!r}, outside {root}; "
-                "refusing to read it. Keep external data files beside the model."
+                f"tensor {ref.tensor!r} ({ref.where}) {where}; refusing to read it. Keep external data files beside the model."
             )
 
 

@@ -182,6 +182,46 @@ def test_external_data_outside_the_model_directory_is_refused(location, tmp_path
     assert not (tmp_path / "b").exists()
 
 
+def _external_tensor(name: str, location: str) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[4])
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    tensor.external_data.add(key="length", value="16")
+    return tensor
+
+
+@pytest.mark.parametrize("hidden_in", ["constant attribute", "if-branch initializer"])
+def test_external_data_hidden_in_a_subgraph_or_attribute_is_refused(hidden_in, tmp_path):
+    """onnx.load reads external data of every tensor, not only top-level initializers: a
+    reference inside a Constant's attribute or an If branch must be refused the same way."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "secret.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())  # exists: only its place is wrong
+    evil = _external_tensor("hidden", "../secret.bin")
+    out = helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, [4])
+    if hidden_in == "constant attribute":
+        extra = [helper.make_node("Constant", [], ["hidden_out"], value=evil, name="c")]
+        where = "graph.node[1].attribute[0].t[0]"
+    else:
+        branch = helper.make_graph([helper.make_node("Identity", ["hidden"], ["hidden_out"])], "b", [], [out], [evil])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        extra = [helper.make_node("Constant", [], ["cond"], value=cond, name="k"),
+                 helper.make_node("If", ["cond"], ["hidden_out"], then_branch=branch, else_branch=branch, name="if")]
+        where = "graph.node[2].attribute[0].g[0].initializer[0]"
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="gemm"), *extra], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]), out],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "m" / "evil.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(UnsupportedModelError) as err:
+        export_bundle(tmp_path / "m" / "evil.onnx", tmp_path / "b")
+    assert f"tensor 'hidden' ({where}) stores its data at '../secret.bin', outside" in str(err.value)
+    assert "Keep external data files beside the model" in str(err.value)
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
 def test_missing_onnx_file(tmp_path):
     with pytest.raises(ExportError, match="does not exist: pass the path of a forward .onnx model"):
         export_bundle(tmp_path / "nope.onnx", tmp_path / "b")
