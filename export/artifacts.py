@@ -20,6 +20,7 @@ import onnx
 from bitfit.sdk.bundle import LossName, OptimizerName, Task
 from bitfit.sdk.errors import ExportError, UnsupportedModelError
 
+from .gradient_graph import LABEL_INPUT
 from .repairs import cap_ir_version
 
 log = logging.getLogger("bitfit.export")
@@ -31,7 +32,6 @@ LOSS_FOR_TASK: dict[str, LossName] = {
     "token-classification": "token-cross-entropy",
     "causal-lm": "token-cross-entropy",
 }
-LABEL_INPUT = "labels"
 ARTIFACT_FILES = {
     "training_model": "training_model.onnx",
     "eval_model": "eval_model.onnx",

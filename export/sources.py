@@ -33,6 +33,8 @@ from bitfit.sdk.bundle import Task, TextSpec
 from bitfit.sdk.errors import BundleInvalidError, ExportError, UnsupportedModelError
 from bitfit.sdk.onnx_refs import external_data_refs
 
+from .gradient_graph import LABEL_INPUT
+
 SourceKind = Literal["torch", "hf", "onnx", "minilm"]
 HFTask = Literal["text-classification", "token-classification", "feature-extraction"]
 OPSET = 17
@@ -85,16 +87,54 @@ def functional_logits(module: Any, input_names: list[str]) -> Callable[[dict[str
     return forward
 
 
-def _to_numpy_inputs(example_inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+def _to_numpy_inputs(
+    example_inputs: Mapping[str, Any] | Sequence[Any], names: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
     import torch
 
-    items = example_inputs.items() if isinstance(example_inputs, Mapping) else (
-        (f"input_{i}", v) for i, v in enumerate(example_inputs)
-    )
+    items = example_inputs.items() if isinstance(example_inputs, Mapping) else zip(names, example_inputs)
     out = {}
     for name, value in items:
         out[name] = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     return out
+
+
+def forward_input_names(module: Any, count: int, reserved: Sequence[str] = ()) -> list[str]:
+    """Names for ``count`` positional inputs of ``module``: its ``forward`` parameters' names.
+
+    A position whose name cannot be derived (``*args``, no signature, more inputs than
+    parameters) or that would clash with a ``reserved`` name (outputs, ``labels``, the
+    module's parameters) is called ``input_<position>``.
+
+    Example:
+        >>> import torch
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x, mask, *rest):
+        ...         return x
+        >>> forward_input_names(Net(), 4)
+        ['x', 'mask', 'input_2', 'input_3']
+        >>> forward_input_names(torch.nn.Linear(2, 1), 1)
+        ['input']
+    """
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):  # builtins and some wrappers have no signature
+        parameters = []
+    positional = []
+    for parameter in parameters:
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break  # *args or keyword-only: later positions have no name of their own
+        positional.append(parameter.name)
+    taken = set(reserved) | {LABEL_INPUT}
+    if hasattr(module, "named_parameters"):
+        taken |= {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    names = []
+    for index in range(count):
+        name = positional[index] if index < len(positional) else ""
+        names.append(name if name and name not in taken and name not in names else f"input_{index}")
+    return names
 
 
 def _default_dynamic_axes(inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, dict[int, str]]:
@@ -174,22 +214,25 @@ def from_torch(
     """Export a ``torch.nn.Module`` to a forward ONNX graph (its first output is trained on).
 
     ``example_inputs`` is a dict (names, in the order of ``forward``'s parameters) or a
-    tuple of tensors. Batch is dynamic; integer 2-D inputs also get a dynamic sequence.
+    tuple of tensors, whose inputs are named after ``forward``'s parameters
+    (:func:`forward_input_names`). Batch is dynamic; integer 2-D inputs also get a dynamic
+    sequence.
 
     Example:
         >>> import torch
         >>> src = from_torch(torch.nn.Linear(3, 2), (torch.randn(4, 3),))
-        >>> [i.name for i in src.model.graph.input]
-        ['input_0']
+        >>> [i.name for i in src.model.graph.input]         # Linear.forward(self, input)
+        ['input']
     """
     import torch
 
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    inputs = _to_numpy_inputs(example_inputs)
+    output_names = output_names or ["logits"]
+    count = 0 if isinstance(example_inputs, Mapping) else len(example_inputs)
+    inputs = _to_numpy_inputs(example_inputs, forward_input_names(module, count, reserved=output_names))
     if not inputs:
         raise ExportError("example_inputs is empty: pass one example batch (a dict or tuple of tensors)")
-    output_names = output_names or ["logits"]
     was_training = module.training
     axes = dynamic_axes or _default_dynamic_axes(inputs, output_names)
     if "__sequence_outputs__" in axes:

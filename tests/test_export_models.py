@@ -206,6 +206,34 @@ def test_plain_torchscript_export_would_merge_zero_biases(tmp_path):
     assert len([i for i in raw.graph.initializer if i.name.endswith(".bias")]) < 4
 
 
+def test_tuple_inputs_are_named_after_forward_and_dict_names_are_kept(tmp_path):
+    """A tuple of example tensors takes forward()'s parameter names (SmallCNN.forward(self,
+    image)); a dict's own names win over them."""
+    model, inputs = tm.cnn()
+    bundle = export_bundle(model, tmp_path / "tuple", example_inputs=(inputs["image"],))
+    assert [i.name for i in bundle.manifest.inputs] == ["image"]
+    assert [i.name for i in session(bundle).get_inputs()][:1] == ["image"]
+    bundle = export_bundle(model, tmp_path / "dict", example_inputs={"pixels": inputs["image"]})
+    assert [i.name for i in bundle.manifest.inputs] == ["pixels"]
+
+
+def test_inputs_without_a_derivable_name_are_numbered():
+    """*args and names that would clash (an output, the labels, a parameter) fall back to input_N."""
+    from bitfit.export.sources import from_torch
+
+    class Star(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+        def forward(self, labels, *rest):
+            return self.fc(labels + rest[0])
+
+    src = from_torch(Star(), (torch.randn(2, 2), torch.randn(2, 2)))
+    assert [i.name for i in src.model.graph.input] == ["input_0", "input_1"]
+    assert list(src.example_inputs) == ["input_0", "input_1"]
+
+
 @pytest.mark.parametrize("case", ["mlp", "cnn", "bert"])
 def test_per_row_biases_equal_row_by_row_runs(case, exported):
     _, model, inputs, _, bundle = exported(case)
