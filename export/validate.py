@@ -174,11 +174,8 @@ def _reference_gradients(bundle: Bundle, feeds, labels, base, torch_logits):
         if has_training_api():
             from bitfit.sdk.trainer import OrtTrainingSession
 
-            trainer = OrtTrainingSession(bundle)
-            trainer.module.train()
-            loss, _ = trainer.module(*trainer._args(feeds, labels))
-            grads = {n: np.array(trainer.state.parameters[n].grad, np.float32) for n in names}
-            return "onnxruntime-training gradient builder", float(loss), grads, {n: [n] for n in names}
+            loss, grads = OrtTrainingSession(bundle).gradients(feeds, labels)
+            return "onnxruntime-training gradient builder", loss, grads, {n: [n] for n in names}
     return None
 
 

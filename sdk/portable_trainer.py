@@ -305,11 +305,11 @@ class PortableTrainingSession:
         Example:
             >>> loss = session.train_step({"x": x}, np.array([0, 2], np.int64))     # doctest: +SKIP
         """
-        loss, _, *grads = self._run(self._gradient, self._gradient_outputs, self._feeds(feeds, labels))
+        loss, grads = self.gradients(feeds, labels)
         state: dict[str, Any] = {"learning_rate": self._learning_rate}
         if self._adamw:
             state["step"] = np.array(self._step + 1, np.int64)  # 1 for the first update (bias correction)
-        for name, grad in zip(self.trainable, grads):
+        for name, grad in grads.items():
             state[name] = self._values[name]
             state[f"{name}_grad"] = grad
             if self._adamw:
@@ -323,6 +323,17 @@ class PortableTrainingSession:
                 self._exp_avg[name] = new[f"{name}_exp_avg_out"]
                 self._exp_avg_sq[name] = new[f"{name}_exp_avg_sq_out"]
         return float(loss)
+
+    def gradients(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """The batch loss and the gradient of every trainable tensor at the current values, no update.
+
+        Example:
+            >>> loss, grads = session.gradients({"x": x}, np.array([0, 2], np.int64))  # doctest: +SKIP
+            >>> {name: g.shape for name, g in grads.items()}                          # doctest: +SKIP
+            {'0.bias': (16,), '2.bias': (3,)}
+        """
+        loss, _, *grads = self._run(self._gradient, self._gradient_outputs, self._feeds(feeds, labels))
+        return float(loss), dict(zip(self.trainable, grads))
 
     def evaluate(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Loss and model output on a batch with the current (trained) tensors, no update.

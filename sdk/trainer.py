@@ -216,7 +216,11 @@ class OrtTrainingSession:
         self.module.copy_buffer_to_parameters(value._ortvalue, trainable_only=False)
 
     def set_learning_rate(self, value: float) -> None:
-        """Set the learning rate of the following steps."""
+        """Set the learning rate of the following steps.
+
+        Example:
+            >>> session.set_learning_rate(5e-3)                                    # doctest: +SKIP
+        """
         self.optimizer.set_learning_rate(float(value))
 
     def _args(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
@@ -225,29 +229,73 @@ class OrtTrainingSession:
         return [values[name] for name in self.input_names]
 
     def train_step(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> float:
-        """One forward + backward + optimizer step; returns the batch loss."""
+        """One forward + backward + optimizer step; returns the batch loss.
+
+        Example:
+            >>> session.train_step({"x": x}, np.array([0, 2], np.int64))           # doctest: +SKIP
+            1.0986...
+        """
         self.module.train()
         loss, _ = self.module(*self._args(feeds, labels))
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(loss)
 
+    def gradients(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """The batch loss and the gradient of every trainable tensor at the current values, no update.
+
+        What export validation compares with torch autograd. The gradient buffers are reset
+        before and after, so the next ``train_step`` is unaffected.
+
+        Example:
+            >>> loss, grads = session.gradients({"x": x}, np.array([0, 2], np.int64))  # doctest: +SKIP
+            >>> {name: g.shape for name, g in grads.items()}                          # doctest: +SKIP
+            {'0.bias': (16,), '2.bias': (3,)}
+        """
+        self.module.train()
+        self.module.lazy_reset_grad()
+        loss, _ = self.module(*self._args(feeds, labels))
+        grads = {name: np.array(self.state.parameters[name].grad, np.float32) for name in self.trainable}
+        self.module.lazy_reset_grad()
+        return float(loss), grads
+
     def evaluate(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> tuple[float, np.ndarray]:
-        """Loss and logits on a batch with the current (trained) tensors, no update."""
+        """Loss and logits on a batch with the current (trained) tensors, no update.
+
+        Example:
+            >>> loss, logits = session.evaluate({"x": x}, np.array([0, 2], np.int64))  # doctest: +SKIP
+            >>> logits.shape                                                            # doctest: +SKIP
+            (2, 3)
+        """
         self.module.eval()
         loss, logits = self.module(*self._args(feeds, labels))
         return float(loss), np.asarray(logits)
 
     def trainable_values(self) -> dict[str, np.ndarray]:
-        """Current values of the trainable tensors (copies)."""
+        """Current values of the trainable tensors (copies).
+
+        Example:
+            >>> {k: v.shape for k, v in session.trainable_values().items()}          # doctest: +SKIP
+            {'0.bias': (16,), '2.bias': (3,)}
+        """
         return {name: np.array(self.state.parameters[name].data, np.float32) for name in self.trainable}
 
     def set_trainable_values(self, values: Mapping[str, np.ndarray]) -> None:
+        """Replace some or all trainable values (each reshaped to the tensor's shape).
+
+        Example:
+            >>> session.set_trainable_values({"0.bias": np.zeros(16, np.float32)})     # doctest: +SKIP
+        """
         for name, value in values.items():
             self.state.parameters[name].data = np.asarray(value, np.float32).reshape(self.state.parameters[name].data.shape)
 
     def parameter_values(self, names: list[str]) -> dict[str, np.ndarray]:
-        """Any parameters' current values (copies), trainable or frozen."""
+        """Any parameters' current values (copies), trainable or frozen.
+
+        Example:
+            >>> session.parameter_values(["0.weight", "0.bias"])["0.weight"].shape     # doctest: +SKIP
+            (16, 4)
+        """
         return {name: np.array(self.state.parameters[name].data) for name in names}
 
 

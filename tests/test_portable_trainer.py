@@ -319,6 +319,24 @@ def test_portable_session_follows_the_numpy_reference(linear_bundle: Path) -> No
             np.testing.assert_allclose(value, biases[n], rtol=1e-5, atol=1e-6, err_msg=f"{n} after step {t}")
 
 
+def test_gradients_are_the_closed_form_and_update_nothing(linear_bundle: Path) -> None:
+    session = PortableTrainingSession(Bundle.open(linear_bundle), learning_rate=0.05)
+    weights = _linear_weights()
+    x, y = _batch(5)
+    ref_loss, _, ref_grads = _reference_step(weights, {n: weights[n].astype(np.float64) for n in TRAINABLE},
+                                             x.astype(np.float64), y)
+    loss, grads = session.gradients({"x": x}, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and sorted(grads) == sorted(TRAINABLE)
+    for n in TRAINABLE:
+        np.testing.assert_allclose(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, err_msg=n)
+        np.testing.assert_array_equal(session.trainable_values()[n], weights[n])
+    fresh = PortableTrainingSession(Bundle.open(linear_bundle), learning_rate=0.05)
+    session.train_step({"x": x}, y)
+    fresh.train_step({"x": x}, y)
+    for n in TRAINABLE:  # no optimizer step was counted by gradients()
+        np.testing.assert_array_equal(session.trainable_values()[n], fresh.trainable_values()[n])
+
+
 def test_portable_sgd_session_is_w_minus_lr_g(tmp_path: Path) -> None:
     bundle = Bundle.open(write_linear_bundle(tmp_path / "sgd", "sgd"))
     session = PortableTrainingSession(bundle, learning_rate=0.3)
@@ -566,6 +584,30 @@ def test_both_backends_train_alike_step_by_step(exported: Bundle) -> None:
     frozen = [n for n in exported.manifest.source["parameter_order"] if n not in base][:3]
     for name, value in sessions[1].parameter_values(frozen).items():
         np.testing.assert_array_equal(value, sessions[0].parameter_values([name])[name], err_msg=name)
+
+
+@needs_ort_training
+def test_both_backends_give_the_same_gradients_without_updating(numeric_bundle: Path) -> None:
+    """OrtTrainingSession.gradients (what export validation reads) agrees with the portable
+    model, and leaves no accumulated gradient behind for the next train_step."""
+    bundle = Bundle.open(numeric_bundle)
+    rng = np.random.default_rng(3)
+    feeds, labels = _random_batch(bundle, rng)
+    sessions = [open_training_session(bundle, backend=b, learning_rate=1e-2) for b in ("ort-training", "portable")]
+    (old_loss, old), (new_loss, new) = (s.gradients(feeds, labels) for s in sessions)
+    assert new_loss == pytest.approx(old_loss, rel=1e-5) and sorted(old) == sorted(new) == sorted(sessions[0].trainable)
+    assert any(np.abs(g).max() > 0 for g in old.values()), "all-zero gradients would prove nothing"
+    for name in old:
+        np.testing.assert_allclose(new[name], old[name], atol=1e-6, err_msg=name)
+    base = bundle.trainable_base()
+    for name, value in sessions[0].trainable_values().items():
+        np.testing.assert_array_equal(value, base[name].reshape(value.shape))
+    fresh = open_training_session(bundle, backend="ort-training", learning_rate=1e-2)
+    sessions[0].gradients(feeds, labels)  # twice: a second call must not double the gradients
+    sessions[0].train_step(feeds, labels)
+    fresh.train_step(feeds, labels)
+    for name, value in sessions[0].trainable_values().items():
+        np.testing.assert_allclose(value, fresh.trainable_values()[name], atol=1e-7, err_msg=name)
 
 
 @needs_ort_training
