@@ -6,9 +6,9 @@
     bitfit predict BUNDLE [--user U] [--store DIR] [--key-file F] [--providers P] TEXT...
     bitfit deltas STORE {list,show,rollback,rm} [--user U] [--version N] [--key-file F]
     bitfit info BUNDLE
-    bitfit demo                                                                          (workstation)
 
-``export`` and ``demo`` import ``bitfit.export`` (torch) lazily; the device commands never do.
+``export`` imports ``bitfit.export`` (torch) lazily; the device commands never do. The demo story
+lives beside the library: ``make demo`` (``python -m demo`` in a source checkout).
 The options have the names and defaults of the Python API (``bitfit.sdk.options``): ``--store``
 omitted is the platform's data directory for personalize and predict alike, ``--providers``
 is ``cpu`` unless asked, ``--learning-rate`` omitted is the bundle's. ``--key-file`` names a
@@ -56,16 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("personalize", help="train a user's biases on their examples and save a delta")
     pe.add_argument("bundle")
     pe.add_argument("--user", required=True)
-    pe.add_argument("--data", required=True, help=".jsonl or .csv with text and label")
+    pe.add_argument("--data", required=True, help=".jsonl or .csv with text and label (text only for a causal LM; .txt too)")
     _add_store_options(pe)
     _add_runtime_options(pe)
-    pe.add_argument("--epochs", type=int, default=3)
+    pe.add_argument("--epochs", type=int, help="default: the SDK's step budget (5 epochs, 30 to 400 steps)")
     pe.add_argument("--learning-rate", type=float,
-                    help="default: the bundle's training_defaults.learning_rate (2e-3 for bundles without one)")
-    pe.add_argument("--patience", type=_patience, default=2,
-                    help="stop after N epochs without holdout improvement (default 2); 'off' trains every epoch")
-    pe.add_argument("--batch-size", type=int, default=16)
-    pe.add_argument("--holdout", type=float, default=0.15)
+                    help="peak learning rate; default: the bundle's training_defaults.learning_rate (2e-3 for bundles "
+                         "without one)")
+    pe.add_argument("--schedule", default="warmup-linear", choices=["warmup-linear", "constant"])
+    pe.add_argument("--patience", type=_patience, default=None,
+                    help="stop after N holdout checks without improvement; default off (the best checkpoint is kept)")
+    pe.add_argument("--batch-size", type=int, help="default 16 (or all examples when fewer)")
+    pe.add_argument("--holdout", type=float, help="fraction held out; default ~10%% (none below 20 examples)")
     pe.add_argument("--max-steps", type=int)
     pe.add_argument("--max-seconds", type=float)
     pe.add_argument("--seed", type=int, default=0)
@@ -89,9 +91,6 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show a bundle's manifest summary")
     info.add_argument("bundle")
 
-    demo = sub.add_parser("demo", help="the whole story on MiniLM and real tweets (workstation)")
-    demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--quick", action="store_true", help="fewer users and examples")
     return parser
 
 
@@ -189,14 +188,20 @@ def _personalize(args: argparse.Namespace) -> int:
                      key=_key(args), verify=args.verify)
     r = p.personalize(
         args.data, user=args.user, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        holdout=args.holdout, max_steps=args.max_steps, max_seconds=args.max_seconds, seed=args.seed,
-        encoding=args.encoding, reset=args.reset, patience=args.patience,
+        holdout=args.holdout, schedule=args.schedule, max_steps=args.max_steps, max_seconds=args.max_seconds,
+        seed=args.seed, encoding=args.encoding, reset=args.reset, patience=args.patience,
     )
-    print(f"user {r.user}: version {r.version}, {r.delta_bytes:,} bytes ({r.encoding}), {r.steps} steps in {r.seconds:.1f}s "
-          f"on {r.examples_used} examples (stopped by {r.stopped_by}, backend {r.backend}, learning rate {r.learning_rate:g})")
-    if r.accuracy_before is not None:
-        print(f"  holdout ({r.holdout_examples}): accuracy {r.accuracy_before:.3f} -> {r.accuracy_after:.3f}, "
-              f"loss {r.loss_before:.4f} -> {r.loss_after:.4f}")
+    saved = (f"version {r.version}, {r.delta_bytes:,} bytes ({r.encoding})" if r.saved else
+             f"nothing saved (no checkpoint beat the start on the holdout); current version {r.version or 'none (base)'}")
+    print(f"user {r.user}: {saved}, {r.steps} steps in {r.seconds:.1f}s on {r.examples_used} examples "
+          f"(stopped by {r.stopped_by}, backend {r.backend}, learning rate {r.learning_rate:g}"
+          f"{', retried at a lower rate' if r.retried else ''})")
+    if r.metrics_before:
+        shown = [k for k in r.metrics_before if not k.startswith("f1/")][:4]
+        print(f"  holdout ({r.holdout_examples}): " + ", ".join(
+            f"{k} {r.metrics_before[k]:.3f} -> {r.metrics_after.get(k, float('nan')):.3f}" for k in shown))
+    for text in r.warnings:
+        print(f"bitfit: warning: {text}", file=sys.stderr)
     return 0
 
 
@@ -216,15 +221,8 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from bitfit.export.demo import run_demo
-
-    run_demo(out_dir=args.out, quick=args.quick)
-    return 0
-
-
 _COMMANDS = {"export": _export, "personalize": _personalize, "predict": _predict, "deltas": cli_deltas.run,
-             "info": _info, "demo": _demo}
+             "info": _info}
 
 if __name__ == "__main__":
     sys.exit(main())

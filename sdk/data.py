@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, Manifest
-from .errors import BudgetExceededError, InvalidUserDataError
+from .errors import BudgetExceededError, InvalidArgumentError, InvalidUserDataError
 
 DEFAULT_MAX_EXAMPLES = 100_000
+LENGTH_WINDOW = 8
+"""``batches(by_length=True)`` sorts by length within windows of this many batches."""
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Examples:
     type_ids: list[list[int]] | None = None
     features: dict[str, np.ndarray] | None = None
     duplicates_removed: int = 0
+    causal_lm: bool = False
+    """Text for a causal LM: the labels are the next tokens, built per batch (``labels`` is a placeholder)."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -56,7 +60,31 @@ class Examples:
             token_ids=[self.token_ids[i] for i in index] if self.token_ids is not None else None,
             type_ids=[self.type_ids[i] for i in index] if self.type_ids is not None else None,
             features={k: v[index] for k, v in self.features.items()} if self.features is not None else None,
+            causal_lm=self.causal_lm,
         )
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (text), or 1 each (feature arrays).
+
+        Example:
+            >>> Examples(labels=np.zeros(2), token_ids=[[1, 2, 3], [4]]).lengths().tolist()
+            [3, 1]
+        """
+        if self.token_ids is None:
+            return np.ones(len(self), np.int64)
+        return np.array([len(x) for x in self.token_ids], np.int64)
+
+    def class_counts(self) -> dict[int, int]:
+        """Examples per class index, for class-index labels (empty for other label kinds).
+
+        Example:
+            >>> Examples(labels=np.array([0, 2, 2])).class_counts()
+            {0: 1, 2: 2}
+        """
+        if self.causal_lm or self.labels.ndim != 1 or self.labels.dtype.kind not in "iu":
+            return {}
+        values, counts = np.unique(self.labels, return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts)}
 
 
 class TextEncoder:
@@ -154,7 +182,7 @@ def normalize_records(user_data: Any) -> list[tuple[Any, Any]]:
     return records
 
 
-def _read_file(path: Path) -> list[tuple[Any, Any]]:
+def _read_file(path: Path, *, labelled: bool = True) -> list[tuple[Any, Any]]:
     try:
         found = path.is_file()
     except (OSError, ValueError):  # a name too long for the filesystem, ...
@@ -178,10 +206,17 @@ def _read_file(path: Path) -> list[tuple[Any, Any]]:
                 rows.append(json.loads(line))
             except (ValueError, RecursionError) as err:
                 raise InvalidUserDataError(f"{path}:{number} is not valid JSON ({err})") from err
+        if not labelled:
+            return [(row.get("text") if isinstance(row, Mapping) else row, None) for row in rows]
         return normalize_records(rows)
     if path.suffix.lower() == ".csv":
         # A file-like reader, not splitlines(): quoted fields may hold newlines (and U+2028...).
         reader = csv.DictReader(io.StringIO(raw, newline=""))
+        if not labelled and reader.fieldnames and "text" in reader.fieldnames:
+            try:
+                return [(row["text"], None) for row in reader]
+            except csv.Error as err:
+                raise InvalidUserDataError(f"{path} is not a readable CSV file ({err}); re-save it as plain UTF-8 CSV") from err
         if not reader.fieldnames or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
             raise InvalidUserDataError(f"{path} needs a header row with 'text' and 'label' columns, has {reader.fieldnames}")
         try:
@@ -258,6 +293,8 @@ def load_examples(
     manifest = bundle.manifest
     if encoder is None or _looks_like_arrays(user_data):
         return _array_examples(user_data, manifest, max_examples, vocab_size=encoder.vocab_size if encoder else None)
+    if manifest.task == "causal-lm":
+        return _causal_lm_examples(user_data, encoder, max_examples)
     records = normalize_records(user_data)
     if not records:
         raise InvalidUserDataError("user_data is empty: pass at least one labelled example")
@@ -281,6 +318,52 @@ def load_examples(
     return Examples(labels=labels, token_ids=ids, type_ids=types, duplicates_removed=removed)
 
 
+def _causal_lm_examples(user_data: Any, encoder: TextEncoder, max_examples: int) -> Examples:
+    """Texts for a causal LM: each text teaches its own next tokens, so no labels are given."""
+    if isinstance(user_data, (str, os.PathLike)):
+        path = Path(user_data)
+        if path.suffix.lower() == ".txt" and path.is_file():
+            try:
+                texts = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+            except (OSError, UnicodeDecodeError) as err:
+                raise InvalidUserDataError(f"cannot read {path} as UTF-8 text ({err})") from err
+        else:
+            texts = [t for t, _ in _read_file(path, labelled=False)]
+    elif isinstance(user_data, Mapping) and "text" in user_data:
+        texts = list(user_data["text"])
+    elif isinstance(user_data, Sequence) and not isinstance(user_data, (str, bytes)):
+        texts = [item.get("text") if isinstance(item, Mapping) else item for item in user_data]
+    else:
+        raise InvalidUserDataError(
+            f"a causal-LM bundle learns from texts: pass a list of str, dicts with 'text', or a .txt/.jsonl/.csv "
+            f"path; got {type(user_data).__name__}"
+        )
+    if not texts:
+        raise InvalidUserDataError("user_data is empty: pass at least one text")
+    if len(texts) > max_examples:
+        raise BudgetExceededError(f"{len(texts)} examples exceed max_examples={max_examples}; pass a sample, or raise max_examples")
+    unique = list(dict.fromkeys(check_text(t, f"example {i}") for i, t in enumerate(texts)))
+    ids, types = encoder.encode(unique)
+    if all(len(x) < 2 for x in ids):
+        raise InvalidUserDataError("every text is a single token: a causal LM learns from the next token, so give longer texts")
+    return Examples(labels=np.zeros(len(unique), np.int64), token_ids=ids, type_ids=types,
+                    duplicates_removed=len(texts) - len(unique), causal_lm=True)
+
+
+def next_token_labels(input_ids: np.ndarray, mask: np.ndarray | None, ignore_index: int) -> np.ndarray:
+    """Causal-LM labels: position t is taught token t+1; the last position and padding are ignored.
+
+    Example:
+        >>> next_token_labels(np.array([[5, 6, 7], [8, 9, 0]]), np.array([[1, 1, 1], [1, 1, 0]]), -100).tolist()
+        [[6, 7, -100], [9, -100, -100]]
+    """
+    labels = np.full(input_ids.shape, ignore_index, np.int64)
+    labels[:, :-1] = input_ids[:, 1:]
+    if mask is not None:
+        labels[:, :-1][mask[:, 1:] == 0] = ignore_index
+    return labels
+
+
 def _is_text_columns(user_data: Any) -> bool:
     """``{"text": [...], "label": [...]}``: the column form of text examples."""
     return isinstance(user_data, Mapping) and "text" in user_data and ("label" in user_data or "labels" in user_data)
@@ -290,18 +373,50 @@ def _looks_like_arrays(user_data: Any) -> bool:
     if _is_text_columns(user_data):
         return False
     return isinstance(user_data, Mapping) or (
-        isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], Mapping)
+        isinstance(user_data, tuple) and len(user_data) == 2 and (isinstance(user_data[0], Mapping) or _is_bare_array(user_data[0]))
     )
+
+
+def _is_bare_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind in "fiub"
+
+
+def as_feature_dict(features: Any, manifest: Manifest) -> dict[str, Any]:
+    """Model feeds from what a caller passed: a dict of arrays as is; a bare array for a
+    one-input bundle under that input's name; anything else refused with the names to use.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> spec = SimpleNamespace(inputs=[SimpleNamespace(name="x")])
+        >>> sorted(as_feature_dict(np.zeros((2, 4), np.float32), spec))
+        ['x']
+    """
+    if isinstance(features, Mapping):
+        return dict(features)
+    names = [i.name for i in manifest.inputs]
+    if len(names) == 1 and isinstance(features, (np.ndarray, list, tuple)):
+        return {names[0]: features}
+    if len(names) == 1:
+        raise InvalidUserDataError(f"this bundle takes one numeric input {names[0]!r}: pass an array (rows = examples), "
+                                   f"got {type(features).__name__}")
+    raise InvalidUserDataError(f"this bundle takes {len(names)} numeric inputs: pass a dict of arrays named {names}")
 
 
 def _array_examples(user_data: Any, manifest: Manifest, max_examples: int, vocab_size: int | None = None) -> Examples:
     if isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], Mapping):
         features, labels = dict(user_data[0]), user_data[1]
+    elif isinstance(user_data, tuple) and len(user_data) == 2 and _is_bare_array(user_data[0]):
+        features, labels = as_feature_dict(user_data[0], manifest), user_data[1]
     elif isinstance(user_data, Mapping):
         features = {k: v for k, v in user_data.items() if k != "labels"}
         labels = user_data.get("labels")
     else:
-        raise InvalidUserDataError("this bundle takes numeric inputs: pass {'<input name>': array, ..., 'labels': array}")
+        names = [i.name for i in manifest.inputs]
+        raise InvalidUserDataError(
+            "this bundle takes numeric inputs: pass (features, labels)"
+            + (f" with features an array for its one input {names[0]!r}," if len(names) == 1 else "")
+            + f" or {{{', '.join(repr(n) + ': array' for n in names)}, 'labels': array}}"
+        )
     if labels is None:
         raise InvalidUserDataError("numeric user_data needs a 'labels' array (or a (features, labels) tuple)")
     arrays = check_feature_arrays(features, manifest, vocab_size=vocab_size)
@@ -397,30 +512,71 @@ def check_feature_arrays(
     return out
 
 
-def split_holdout(count: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled (train, holdout) indices; the holdout is empty when too few examples remain."""
-    if not 0 <= fraction < 1:
-        raise InvalidUserDataError(f"holdout must be in [0, 1), got {fraction}")
+def split_holdout(count: int, size: int, rng: np.random.Generator, *, labels: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled (train, holdout) indices with ``size`` examples held out (0 <= size < count).
+
+    With class-index ``labels`` the holdout is stratified: each class gets its share (largest
+    classes first when shares round), so a rare class is not left out of the holdout or the
+    training set by chance.
+
+    Example:
+        >>> train, held = split_holdout(10, 4, np.random.default_rng(0), labels=np.array([0] * 8 + [1] * 2))
+        >>> len(train), len(held), sorted(int(i >= 8) for i in held)
+        (6, 4, [0, 0, 0, 1])
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 <= size < max(count, 1):
+        raise InvalidArgumentError(f"holdout size must be an int in [0, {count}), got {size!r}")
     order = rng.permutation(count)
-    size = int(math.floor(count * fraction))
-    if fraction > 0 and count >= 4:
-        size = max(size, 1)
-    if count - size < 1:
-        size = 0
-    return order[size:], order[:size]
+    if size == 0:
+        return order, order[:0]
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        return order[size:], order[:size]
+    # Group the shuffled order by class (stable: the random order holds within a class), then
+    # take evenly spaced positions: every class contributes in proportion to its size.
+    grouped = order[np.argsort(labels[order], kind="stable")]
+    step = count / size
+    picks = np.floor(np.arange(size) * step + step / 2).astype(np.int64)
+    held = grouped[picks]
+    chosen = np.zeros(count, bool)
+    chosen[held] = True
+    return order[~chosen[order]], rng.permutation(held)
 
 
 def batches(
     examples: Examples, encoder: TextEncoder | None, batch_size: int, rng: np.random.Generator | None, *,
-    ignore_index: int | None = None,
+    ignore_index: int | None = None, by_length: bool = False,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """(feeds, labels) per batch; shuffled when ``rng`` is given. Text is padded per batch."""
+    """(feeds, labels) per batch; shuffled when ``rng`` is given. Text is padded per batch.
+
+    ``by_length`` (text, with ``rng``): examples of similar length share a batch (sorted within
+    windows of ``LENGTH_WINDOW`` batches, then the batches shuffled), so a batch carries less
+    padding; what each step sees stays random. Causal-LM text gets next-token labels.
+
+    Example:
+        >>> ex = Examples(labels=np.arange(4), features={"x": np.arange(8.0).reshape(4, 2)})
+        >>> [labels.tolist() for _, labels in batches(ex, None, 3, None)]
+        [[0, 1, 2], [3]]
+    """
     order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
-    for start in range(0, len(examples), batch_size):
+    starts = list(range(0, len(examples), batch_size))
+    if by_length and rng is not None and examples.token_ids is not None:
+        lengths = examples.lengths()
+        window = batch_size * LENGTH_WINDOW
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(window, len(order), window))]) if len(order) else order
+        starts = [starts[i] for i in rng.permutation(len(starts))]
+    for start in starts:
         index = order[start:start + batch_size]
         part = examples.subset(index)
         if part.features is not None:
             yield part.features, part.labels
         else:
             assert encoder is not None and part.token_ids is not None
-            yield encoder.pad(part.token_ids, part.type_ids), part.labels
+            feeds = encoder.pad(part.token_ids, part.type_ids)
+            if part.causal_lm:
+                mask = feeds.get(encoder.spec.attention_mask) if encoder.spec.attention_mask else None
+                yield feeds, next_token_labels(feeds[encoder.spec.input_ids], mask,
+                                               ignore_index if ignore_index is not None else -100)
+            else:
+                yield feeds, part.labels

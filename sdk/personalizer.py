@@ -11,18 +11,20 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
 
 from .bundle import Bundle
 from .data import DEFAULT_MAX_EXAMPLES, Examples, TextEncoder, batches, load_examples, split_holdout
+from .data_checks import data_warnings
 from .delta import Delta, Encoding, check_delta_fits
 from .errors import (
     BitfitError, BundleInvalidError, DeltaCorruptError, DeltaMismatchError, DeltaNotFoundError, InvalidArgumentError,
@@ -31,14 +33,18 @@ from .errors import (
 from .options import (
     DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, open_store, providers_from_device,
 )
+from .metrics import merge_batches, mean_loss, perplexity, task_metrics
 from .runtime import cuda_available, is_out_of_memory
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
 from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTrainingSession, open_training_session
+from .training_loop import LoopOutcome, StopReason, run_training
+from .training_plan import Schedule, TrainingPlan, plan_training
 
 log = logging.getLogger("bitfit.sdk")
 
-StopReason = Literal["epochs", "max_steps", "max_seconds", "early_stopping"]
+RETRY_FACTOR = 0.25
+"""The learning rate of the second run, relative to the first, when the first did not help."""
 DEFAULT_LEARNING_RATE = 2e-3
 """The learning rate for a bundle whose manifest has no ``training_defaults.learning_rate``
 (bundles exported before that field): the value tuned for the built-in MiniLM."""
@@ -59,10 +65,26 @@ class Progress:
 
 @dataclass(frozen=True)
 class PersonalizeResult:
-    """What one ``personalize`` call did, with holdout metrics before and after."""
+    """What one ``personalize`` call did, with holdout metrics before and after.
+
+    ``metrics_before``/``metrics_after`` hold the task's metrics on the holdout (accuracy and
+    macro F1 for classifiers, MAE/RMSE for regression, F1 per label for multi-label, token
+    accuracy for token classification, perplexity for causal LMs) and its ``loss``;
+    ``accuracy_before``/``accuracy_after`` repeat a classifier's accuracy. ``warnings`` says
+    when the data cannot teach what the user expects (``bitfit.sdk.data_checks``). ``plan``
+    is what the SDK chose (steps, learning rate, holdout, ...) and why.
+
+    Example:
+        >>> r = Personalizer("bundles/tiny", store="/tmp/deltas").personalize(data, user="alice")   # doctest: +SKIP
+        >>> r.saved, r.metrics_before["accuracy"], r.metrics_after["accuracy"], r.plan["steps"]      # doctest: +SKIP
+        (True, 0.55, 0.8, 45)
+    """
 
     user: str
     version: int
+    """The user's current version after the call (0: no delta, the base model)."""
+    saved: bool
+    """False when nothing was saved: the holdout said no checkpoint beat where the user started."""
     delta_bytes: int
     encoding: str
     steps: int
@@ -77,15 +99,26 @@ class PersonalizeResult:
     accuracy_after: float | None
     stopped_by: StopReason
     started_from: Literal["base", "previous-delta"]
-    kept_epoch: int = -1
-    """The epoch whose biases were saved: the best on the holdout; 0 means no epoch beat the
-    starting point, so the starting biases were kept (the new version equals the previous one)."""
+    kept_step: int = 0
+    """The step whose biases were kept: the holdout's best checkpoint; 0 = the starting biases."""
     backend: str = ""
     """The training backend that ran: ``portable`` or ``ort-training``."""
     learning_rate: float = 0.0
-    """The learning rate used: the argument, else the bundle's ``training_defaults``, else 2e-3."""
+    """The peak learning rate of the run that was kept."""
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+    retried: bool = False
+    """Whether a second run at a lower learning rate was made because the first did not help."""
 
     def as_dict(self) -> dict[str, Any]:
+        """The result as plain values (JSON-able).
+
+        Example:
+            >>> r.as_dict()["saved"]                                    # doctest: +SKIP
+            True
+        """
         return asdict(self)
 
 
@@ -195,10 +228,11 @@ class Personalizer:
         user_data: Any,
         user: str,
         *,
-        epochs: int = 3,
+        epochs: int | None = None,
         learning_rate: float | None = None,
-        batch_size: int = 16,
-        holdout: float = 0.15,
+        batch_size: int | None = None,
+        holdout: float | None = None,
+        schedule: Schedule = "warmup-linear",
         max_steps: int | None = None,
         max_seconds: float | None = None,
         seed: int = 0,
@@ -206,166 +240,226 @@ class Personalizer:
         progress_bar: bool | None = None,
         reset: bool = False,
         encoding: Encoding = "fp16",
-        patience: int | None = 2,
+        patience: int | None = None,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
     ) -> PersonalizeResult:
         """Train ``user``'s biases on ``user_data`` and save the result as a new delta version.
 
-        Continues from the user's current delta unless ``reset``. A small holdout (if there
-        are >= 4 examples) gives before/after metrics and early stopping (``patience``
-        epochs without holdout improvement; the best epoch's biases are kept). Stops at
-        ``max_steps`` or ``max_seconds`` (a device's time budget) if given. If the loss
-        becomes NaN/inf, nothing is saved and the previous delta stays current.
+        With no options, the SDK decides (``bitfit.sdk.training_plan``): a holdout of ~10% of
+        the data (none below 20 examples), stratified by class; a step budget of 5 epochs, at
+        least 30 and at most 400 steps; the bundle's learning rate as the peak of a warm-up +
+        linear-decay schedule. The holdout is scored ~6 times; the best checkpoint is kept,
+        and if none beats where the user started, one more run at a quarter of the learning
+        rate is tried (when the rate was not given); if that does not help either, **nothing
+        is saved** (``saved=False``: the user keeps the delta they had). What was chosen and
+        why is in ``result.plan`` and the delta's info; ``result.warnings`` says when the data
+        cannot teach what the user expects (one class only, a tiny holdout, ...).
 
-        ``learning_rate=None`` takes the bundle's ``training_defaults.learning_rate`` (chosen
-        at export for the model's size: docs/bundle-format.md), or 2e-3 for a bundle without
-        one. The rate used is in the result and in the delta's info.
+        Continues from the user's current delta unless ``reset``. Any choice can be given:
+        ``epochs`` (instead of the step budget), ``learning_rate`` (the peak), ``batch_size``,
+        ``holdout`` (a fraction in [0, 1)), ``schedule`` ("warmup-linear" or "constant"),
+        ``patience`` (stop after that many holdout checks without improvement; None = run the
+        whole budget). ``max_steps`` and ``max_seconds`` cap the run (a device's budget). If the
+        loss becomes NaN/inf, nothing is saved and the previous delta stays current.
 
         Example:
             >>> r = p.personalize("alice.jsonl", user="alice", max_seconds=30)      # doctest: +SKIP
-            >>> r.accuracy_before, r.accuracy_after, r.delta_bytes                   # doctest: +SKIP
-            (0.61, 0.78, 51812)
+            >>> r.saved, r.accuracy_before, r.accuracy_after, r.delta_bytes          # doctest: +SKIP
+            (True, 0.61, 0.78, 51812)
         """
         manifest = self.bundle.manifest
-        learning_rate, rate_from = _learning_rate(learning_rate, manifest.training_defaults)
-        _check_options(user, epochs, learning_rate, batch_size, max_steps, max_seconds, patience, encoding, holdout)
+        rate, rate_from = _learning_rate(learning_rate, manifest.training_defaults)
+        _check_options(user, epochs, rate, batch_size, max_steps, max_seconds, patience, encoding, holdout, schedule)
         started = time.perf_counter()
         examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
+        plan = plan_training(len(examples), learning_rate=rate, learning_rate_from=rate_from, epochs=epochs,
+                             batch_size=batch_size, holdout=holdout, schedule=schedule, max_steps=max_steps)
         rng = np.random.default_rng(seed)
-        train_index, holdout_index = split_holdout(len(examples), holdout, rng)
+        classes = examples.labels if manifest.loss == "cross-entropy" else None
+        train_index, holdout_index = split_holdout(len(examples), plan.holdout, rng, labels=classes)
         train, held = examples.subset(train_index), examples.subset(holdout_index)
+        warnings = data_warnings(manifest.task, examples, held, label_names=manifest.labels)
+        for text in warnings:
+            log.warning("user %r: %s", user, text)
         start = None if reset else self._start_delta(user)
         start_values = start.apply_to(self.base_trainable) if start is not None else None
+
+        bar = _progress_bar(plan.steps, user, progress_bar)
+        try:
+            outcome, session = self._train(plan, train, held, start_values, rng, started, user, patience, max_seconds,
+                                           bar, progress, examples)
+            retried = False
+            if len(held) and not outcome.improved and rate_from != "argument" and outcome.stopped_by != "max_seconds":
+                # The holdout says this run did not help: one more at a lower rate before giving up.
+                log.info("user %r: no checkpoint beat the start at learning rate %g; retrying at %g", user,
+                         plan.learning_rate, plan.learning_rate * RETRY_FACTOR)
+                plan = dataclasses.replace(plan, learning_rate=plan.learning_rate * RETRY_FACTOR, reasons={
+                    **plan.reasons, "learning_rate": plan.reasons["learning_rate"] + f"; x{RETRY_FACTOR:g} after a first "
+                    "run that did not beat the start on the holdout"})
+                outcome, session = self._train(plan, train, held, start_values, np.random.default_rng(seed + 1), started,
+                                               user, patience, max_seconds, bar, progress, examples)
+                retried = True
+        finally:
+            if bar is not None:
+                bar.close()
+        trained = session.trainable_values()
+        if not all(np.all(np.isfinite(v)) for v in trained.values()):
+            raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
+        before = self._holdout_metrics(session, held, start_values or self.base_trainable) if len(held) else {}
+        after = self._holdout_metrics(session, held, None) if len(held) else {}
+        seconds = time.perf_counter() - started
+        info = {
+            "steps": outcome.steps, "epochs_run": outcome.epochs_run, "examples": len(train), "holdout_examples": len(held),
+            "seconds": round(seconds, 3), "learning_rate": plan.learning_rate, "learning_rate_from": rate_from,
+            "batch_size": plan.batch_size, "seed": seed, "stopped_by": outcome.stopped_by,
+            "metrics": {"before": before, "after": after}, "holdout_losses": outcome.history,
+            "started_from": "previous-delta" if start is not None else "base", "kept_step": outcome.kept_step,
+            "backend": session.backend, "plan": plan.as_dict(), "retried": retried, "warnings": warnings,
+        }
+        saved = not len(held) or outcome.improved
+        if saved:
+            delta = Delta.from_params(trained, self.base_trainable, manifest.base_fingerprint, encoding=encoding, info=info)
+            version = self.store.save(user, delta)
+            if self._predictor is not None:
+                self._predictor.invalidate(user)
+            size = _delta_file_bytes(self.store, user, version)
+        else:
+            log.warning("user %r: no checkpoint beat the starting biases on the holdout (%d examples); nothing was "
+                        "saved. Give more or more varied examples.", user, len(held))
+            version, size = self._current_version(user), 0
+        return PersonalizeResult(
+            user=user, version=version, saved=saved, delta_bytes=size, encoding=encoding, steps=outcome.steps,
+            epochs_run=outcome.epochs_run, seconds=seconds, examples_used=len(train), holdout_examples=len(held),
+            duplicates_removed=examples.duplicates_removed, loss_before=before.get("loss"), loss_after=after.get("loss"),
+            accuracy_before=before.get("accuracy"), accuracy_after=after.get("accuracy"), stopped_by=outcome.stopped_by,
+            started_from=info["started_from"],  # type: ignore[arg-type]
+            kept_step=outcome.kept_step, backend=session.backend, learning_rate=plan.learning_rate,
+            metrics_before=before, metrics_after=after, warnings=warnings, plan=plan.as_dict(), retried=retried,
+        )
+
+    def _train(self, plan: TrainingPlan, train: Examples, held: Examples, start_values: dict[str, np.ndarray] | None,
+               rng: np.random.Generator, started: float, user: str, patience: int | None, max_seconds: float | None,
+               bar: Any, progress: ProgressCallback | None, examples: Examples) -> tuple[LoopOutcome, Any]:
+        """One training run in a fresh session; onnxruntime failures become the error of their cause."""
         session = open_training_session(self.bundle, backend=self.backend, start=start_values,
                                         providers=_training_providers(self.providers), threads=self.threads,
-                                        learning_rate=learning_rate)
+                                        learning_rate=plan.learning_rate)
+        manifest = self.bundle.manifest
         expected_inputs = {i.name for i in manifest.inputs} | {manifest.label_input}
         if set(session.input_names) != expected_inputs:  # a damaged manifest would fail inside ORT
             raise BundleInvalidError(
                 f"manifest.json names training inputs {sorted(expected_inputs)}, the training model takes "
                 f"{sorted(session.input_names)}: the bundle was altered; copy or re-export it"
             )
-        steps_per_epoch = -(-len(train) // batch_size)
-        total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-        ignore = manifest.ignore_index
-        bar = _progress_bar(total, user, progress_bar)
-        step, stop, stale, epoch = 0, "epochs", 0, 0
-        try:
-            loss_before, acc_before = self._evaluate(session, held)
-            best = (loss_before, session.trainable_values()) if loss_before is not None else None
-            kept_epoch = 0 if best is not None else -1
-            for epoch in range(1, epochs + 1):
-                for feeds, labels in batches(train, self._encoder, batch_size, rng, ignore_index=ignore):
-                    loss = session.train_step(feeds, labels)
-                    step += 1
-                    if not np.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"the loss became {loss} at step {step} (learning_rate={learning_rate}); nothing was saved and "
-                            f"{user!r}'s previous delta is still current. Lower the learning rate."
-                        )
-                    elapsed = time.perf_counter() - started
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}")
-                    if progress is not None:
-                        progress(Progress(user, step, total, epoch, loss, elapsed))
-                    if max_steps is not None and step >= max_steps:
-                        stop = "max_steps"
-                        break
-                    if max_seconds is not None and elapsed >= max_seconds:
-                        stop = "max_seconds"
-                        break
-                if best is not None:
-                    held_loss, _ = self._evaluate(session, held)
-                    if held_loss is not None and held_loss < best[0]:
-                        best, stale, kept_epoch = (held_loss, session.trainable_values()), 0, epoch
-                    else:
-                        stale += 1
-                if stop != "epochs":
-                    break
-                if patience is not None and best is not None and stale >= patience:
-                    stop = "early_stopping"
-                    break
-        except RuntimeError as err:  # what onnxruntime's training API raises
-            if is_out_of_memory(err):
-                raise ResourceExhaustedError(
-                    f"onnxruntime ran out of memory during training ({str(err).strip()[-200:]}); use a smaller "
-                    f"batch_size (now {batch_size}) or shorter inputs. Nothing was saved."
-                ) from err
-            if examples.features is None or "INVALID_ARGUMENT" not in str(err):
-                raise  # text we tokenized ourselves, or not a refused input: not the caller's data at fault
-            # Arrays passed in directly can hold values the graph refuses (a token type id its
-            # embedding lacks): the caller's data, reported as such. Nothing was saved.
-            raise InvalidUserDataError(
-                f"onnxruntime refused the input arrays (...{str(err).strip()[-300:]}); check that every "
-                "value is one the model accepts (e.g. ids within its embeddings). Nothing was saved."
-            ) from err
-        finally:
-            if bar is not None:
-                bar.close()
-        if best is not None:
-            session.set_trainable_values(best[1])  # keep the epoch with the best holdout loss
-            if kept_epoch == 0:
-                log.warning("user %r: no epoch improved the holdout loss (%d holdout examples); the starting "
-                            "biases are kept. Give more examples or a larger holdout.", user, len(held))
-        else:
-            kept_epoch = epoch
-        trained = session.trainable_values()
-        if not all(np.all(np.isfinite(v)) for v in trained.values()):
-            raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
-        loss_after, acc_after = self._evaluate(session, held)
-        seconds = time.perf_counter() - started
-        info = {
-            "steps": step, "epochs_run": epoch, "examples": len(train), "holdout_examples": len(held),
-            "seconds": round(seconds, 3), "learning_rate": learning_rate, "learning_rate_from": rate_from,
-            "batch_size": batch_size, "seed": seed,
-            "stopped_by": stop, "metrics": {"loss_before": loss_before, "loss_after": loss_after,
-                                            "accuracy_before": acc_before, "accuracy_after": acc_after},
-            "started_from": "previous-delta" if start is not None else "base", "kept_epoch": kept_epoch,
-            "backend": session.backend,
-        }
-        delta = Delta.from_params(trained, self.base_trainable, manifest.base_fingerprint, encoding=encoding, info=info)
-        version = self.store.save(user, delta)
-        if self._predictor is not None:
-            self._predictor.invalidate(user)
-        return PersonalizeResult(
-            user=user, version=version, delta_bytes=_delta_file_bytes(self.store, user, version), encoding=encoding,
-            steps=step, epochs_run=epoch, seconds=seconds, examples_used=len(train), holdout_examples=len(held),
-            duplicates_removed=examples.duplicates_removed, loss_before=loss_before, loss_after=loss_after,
-            accuracy_before=acc_before, accuracy_after=acc_after, stopped_by=stop,  # type: ignore[arg-type]
-            started_from=info["started_from"],  # type: ignore[arg-type]
-            kept_epoch=kept_epoch, backend=session.backend, learning_rate=learning_rate,
-        )
 
-    def _evaluate(self, session: PortableTrainingSession | OrtTrainingSession, held: Examples) -> tuple[float | None, float | None]:
-        """Mean loss and accuracy (classification) over the holdout, through the eval model."""
-        if len(held) == 0:
-            return None, None
-        total_loss, correct, counted, rows = 0.0, 0, 0, 0
-        for feeds, labels in batches(held, self._encoder, 64, None):
-            loss, logits = session.evaluate(feeds, labels)
-            total_loss += loss * len(labels)
-            rows += len(labels)
-            if self.bundle.manifest.loss == "cross-entropy":
-                correct += int((logits.argmax(-1) == labels).sum())
-                counted += len(labels)
-            elif self.bundle.manifest.loss == "bce-with-logits":
-                correct += int(((logits > 0) == (labels > 0.5)).all(axis=-1).sum())
-                counted += len(labels)
-        return total_loss / rows, (correct / counted if counted else None)
+        def on_step(step: int, epoch: int, loss: float, seconds: float) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if progress is not None:
+                progress(Progress(user, step, plan.steps, epoch, loss, seconds))
+
+        try:
+            outcome = run_training(session, plan, train, held, encoder=self._encoder, rng=rng, score=self._holdout_loss,
+                                   ignore_index=manifest.ignore_index, patience=patience, max_seconds=max_seconds,
+                                   started=started, on_step=on_step)
+        except TrainingDivergedError as err:
+            raise TrainingDivergedError(f"{err}; nothing was saved and {user!r}'s previous delta is still current") from err
+        except RuntimeError as err:  # what onnxruntime raises
+            raise _training_error(err, plan.batch_size, examples) from err
+        return outcome, session
+
+    def _holdout_loss(self, session: Any, held: Examples) -> float:
+        loss, _ = self._score(session, held)
+        return loss
+
+    def _score(self, session: Any, held: Examples) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+        """Mean loss over ``held`` through the eval model, and the (outputs, labels) per batch."""
+        total, rows, parts = 0.0, 0, []
+        for feeds, labels in batches(held, self._encoder, 64, None, ignore_index=self.bundle.manifest.ignore_index):
+            loss, outputs = session.evaluate(feeds, labels)
+            weight = _loss_weight(labels, self.bundle.manifest.loss, self.bundle.manifest.ignore_index)
+            total += loss * weight
+            rows += weight
+            parts.append((outputs, labels))
+        return (total / rows if rows else 0.0), parts
+
+    def _holdout_metrics(self, session: Any, held: Examples, values: dict[str, np.ndarray] | None) -> dict[str, float]:
+        """The task's metrics and loss on the holdout, with ``values`` (None: the session's current ones)."""
+        kept = None
+        if values is not None:
+            kept = session.trainable_values()
+            session.set_trainable_values(values)
+        try:
+            loss, parts = self._score(session, held)
+        finally:
+            if kept is not None:
+                session.set_trainable_values(kept)
+        return self._metrics(loss, parts)
+
+    def _metrics(self, loss: float, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        manifest = self.bundle.manifest
+        outputs, labels = merge_batches(parts, ignore_index=manifest.ignore_index if manifest.ignore_index is not None else -100)
+        metrics = {"loss": float(loss), **task_metrics(manifest.loss, outputs, labels, label_names=manifest.labels,
+                                                       ignore_index=manifest.ignore_index)}
+        if manifest.task == "causal-lm":
+            metrics["perplexity"] = perplexity(loss)
+        return metrics
+
+    def _current_version(self, user: str) -> int:
+        return int(self.store.current_version(user) or 0)
 
     def predict(self, inputs: Any, user: str | None | Sequence[str | None] = None) -> Prediction:
         """Predict with ``user``'s delta (None = the base model, a list = one user per row)."""
         return self.predictor.predict(inputs, user=user)
 
     def evaluate(self, user_data: Any, user: str | None = None) -> dict[str, float]:
-        """Accuracy (classifiers) of ``user``'s model on labelled data, through the predictor."""
+        """The task's metrics (and loss) of ``user``'s model on labelled data, through the predictor.
+
+        Classifiers: accuracy and macro F1; regression: MAE and RMSE; multi-label: subset
+        accuracy and F1 per label; token classification: token accuracy; causal LM: loss and
+        perplexity (``bitfit.sdk.metrics``). Always ``loss`` and ``examples``.
+
+        Example:
+            >>> p.evaluate("alice-test.jsonl", user="alice")          # doctest: +SKIP
+            {'loss': 0.52, 'accuracy': 0.81, 'macro_f1': 0.78, 'examples': 300.0}
+        """
+        manifest = self.bundle.manifest
         examples = load_examples(user_data, self.bundle, self._encoder)
-        correct = 0
-        for feeds, labels in batches(examples, self._encoder, 64, None):
-            logits = self.predictor.logits(feeds, [user] * len(labels))
-            correct += int((logits.argmax(-1) == labels).sum())
-        return {"accuracy": correct / len(examples), "examples": float(len(examples))}
+        parts, total, weight = [], 0.0, 0
+        for feeds, labels in batches(examples, self._encoder, 64, None, ignore_index=manifest.ignore_index):
+            outputs = self.predictor.logits(feeds, [user] * len(labels))
+            w = _loss_weight(labels, manifest.loss, manifest.ignore_index)
+            total += mean_loss(manifest.loss, outputs, labels, ignore_index=manifest.ignore_index) * w
+            weight += w
+            parts.append((outputs, labels))
+        metrics = self._metrics(total / weight if weight else 0.0, parts)
+        metrics["examples"] = float(len(examples))
+        return metrics
+
+
+def _loss_weight(labels: np.ndarray, loss: str, ignore_index: int | None) -> int:
+    """How many terms a batch's mean loss averages: rows, or counted tokens for token losses."""
+    if loss == "token-cross-entropy" and ignore_index is not None:
+        return int((labels != ignore_index).sum())
+    return len(labels)
+
+
+def _training_error(err: RuntimeError, batch_size: int, examples: Examples) -> BitfitError | RuntimeError:
+    """The error that names an onnxruntime failure's real cause during training."""
+    if is_out_of_memory(err):
+        return ResourceExhaustedError(
+            f"onnxruntime ran out of memory during training ({str(err).strip()[-200:]}); use a smaller "
+            f"batch_size (now {batch_size}) or shorter inputs. Nothing was saved."
+        )
+    if examples.features is not None and "INVALID_ARGUMENT" in str(err):
+        # Arrays passed in directly can hold values the graph refuses (a token type id its
+        # embedding lacks): the caller's data, reported as such.
+        return InvalidUserDataError(
+            f"onnxruntime refused the input arrays (...{str(err).strip()[-300:]}); check that every "
+            "value is one the model accepts (e.g. ids within its embeddings). Nothing was saved."
+        )
+    return err  # text we tokenized ourselves, or not a refused input: not the caller's data at fault
 
 
 def _delta_file_bytes(store: DeltaStore, user: str, version: int) -> int:
@@ -400,26 +494,28 @@ def _training_providers(providers: Any) -> Any:
 
 
 def _check_options(user: Any, epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_seconds: Any,
-                   patience: Any, encoding: Any, holdout: Any = 0.0) -> None:
+                   patience: Any, encoding: Any, holdout: Any = None, schedule: Any = "warmup-linear") -> None:
     problems = []
     if not isinstance(user, str) or not user:
         problems.append(f"user must be a non-empty string, got {user!r}")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        problems.append(f"epochs must be an int >= 1, got {epochs!r}")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        problems.append(f"epochs must be an int >= 1 or None (the SDK's step budget), got {epochs!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not np.isfinite(lr) or lr <= 0:
         problems.append(f"learning_rate must be a positive number, got {lr!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        problems.append(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        problems.append(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
         problems.append(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
     if max_seconds is not None and (not isinstance(max_seconds, (int, float)) or not max_seconds > 0):
         problems.append(f"max_seconds must be a positive number or None, got {max_seconds!r}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
+    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
         problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
     if encoding not in ("fp32", "fp16", "int8"):
         problems.append(f"encoding must be fp32, fp16 or int8, got {encoding!r}")
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        problems.append(f"holdout must be in [0, 1), got {holdout!r}")
+    if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1):
+        problems.append(f"holdout must be in [0, 1) or None (chosen from the data), got {holdout!r}")
+    if schedule not in get_args(Schedule):
+        problems.append(f"schedule must be one of {list(get_args(Schedule))}, got {schedule!r}")
     if problems:
         raise InvalidArgumentError("; ".join(problems))
 

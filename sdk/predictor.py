@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .bundle import Bundle
-from .data import TextEncoder, check_feature_arrays, check_text
+from .data import TextEncoder, as_feature_dict, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
 from .options import DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, open_store
@@ -246,8 +246,7 @@ class Predictor:
             if not texts:
                 raise InvalidUserDataError("predict needs at least one input")
             return self.encoder.feeds_for_texts(texts), len(texts)
-        if not isinstance(inputs, Mapping):
-            raise InvalidUserDataError(f"this bundle takes numeric inputs: pass a dict of arrays named {self.input_names}")
+        inputs = as_feature_dict(inputs, self.manifest)  # a bare array for a one-input bundle
         arrays = check_feature_arrays(inputs, self.manifest, vocab_size=self.encoder.vocab_size if self.encoder else None)
         rows = next(iter(arrays.values())).shape[0]
         if rows == 0:

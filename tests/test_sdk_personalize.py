@@ -113,29 +113,31 @@ def test_result_fields(p):
     assert r1.holdout_examples == math.floor(30 * 0.2)
     assert r1.delta_bytes == delta_file(p.store.root, "alice", 1).stat().st_size > 0
     steps_per_epoch = -(-r1.examples_used // QUICK["batch_size"])
-    assert r1.stopped_by == "epochs" and r1.epochs_run == QUICK["epochs"]
+    assert r1.saved and r1.stopped_by == "steps" and r1.epochs_run == QUICK["epochs"]
     assert r1.steps == steps_per_epoch * QUICK["epochs"] == len(seen)
     for value in (r1.loss_before, r1.loss_after, r1.accuracy_before, r1.accuracy_after):
         assert value is not None and math.isfinite(value)
     assert 0 <= r1.accuracy_before <= 1 and 0 <= r1.accuracy_after <= 1
     assert r1.seconds > 0 and r1.as_dict()["version"] == 1
     info = p.store.load("alice").info
-    assert info["steps"] == r1.steps and info["stopped_by"] == "epochs" and info["seed"] == 0
-    assert info["metrics"]["accuracy_after"] == r1.accuracy_after
+    assert info["steps"] == r1.steps and info["stopped_by"] == "steps" and info["seed"] == 0
+    assert info["metrics"]["after"]["accuracy"] == r1.accuracy_after == r1.metrics_after["accuracy"]
+    assert info["plan"]["steps"] == r1.plan["steps"] == r1.steps and info["plan"]["holdout"] == r1.holdout_examples
 
     r2 = p.personalize(data, user="alice", max_steps=2, holdout=0.0, **QUICK)
-    assert r2.version == 2 and r2.steps == 2 and r2.stopped_by == "max_steps" and r2.epochs_run == 1
+    assert r2.version == 2 and r2.steps == 2 and r2.stopped_by == "steps" and r2.epochs_run == 1
+    assert "capped by max_steps=2" in r2.plan["reasons"]["steps"]
     assert r2.holdout_examples == 0 and r2.examples_used == len(data)
     assert r2.loss_before is None and r2.loss_after is None and r2.accuracy_before is None and r2.accuracy_after is None
     assert r2.delta_bytes == delta_file(p.store.root, "alice", 2).stat().st_size
 
-    r3 = p.personalize(data, user="alice", max_seconds=1e-9, **QUICK)
+    r3 = p.personalize(data, user="alice", max_seconds=1e-9, holdout=0.0, **QUICK)
     assert r3.version == 3 and r3.stopped_by == "max_seconds" and r3.steps == 1
     assert p.store.current_version("alice") == 3 and p.store.versions("alice") == [1, 2, 3]
     assert p.personalize(data, user="bob", max_steps=1, **QUICK).version == 1  # versions are per user
 
 
-def test_early_stopping_keeps_the_best_epoch(p):
+def test_early_stopping_keeps_the_best_checkpoint(p):
     # A huge learning rate makes the holdout loss worse after the first epoch.
     r = p.personalize(text_data(40), user="alice", epochs=8, learning_rate=0.5, batch_size=8, holdout=0.25,
                       patience=1, progress_bar=False)
@@ -143,16 +145,19 @@ def test_early_stopping_keeps_the_best_epoch(p):
     assert r.loss_after <= r.loss_before + 1e-6  # the kept biases are never worse than the start
 
 
-def test_kept_epoch_reports_which_biases_were_saved(p):
+def test_kept_step_reports_which_biases_were_saved_and_harm_is_never_saved(p):
     good = p.personalize(text_data(40), user="alice", epochs=3, batch_size=8, holdout=0.25, progress_bar=False)
-    assert 1 <= good.kept_epoch <= good.epochs_run  # some epoch beat the start on the holdout
-    # Continuing from alice's trained biases on the same data, a huge step makes every epoch worse
-    # than the start: the start is kept, and the result says so.
+    assert good.saved and 1 <= good.kept_step <= good.steps  # some checkpoint beat the start on the holdout
+    # Continuing from alice's trained biases on the same data, a huge step makes every checkpoint
+    # worse than the start: nothing is saved, alice keeps version 1, and the result says so.
+    before = stored(p, "alice")
     worse = p.personalize(text_data(40), user="alice", epochs=2, learning_rate=3.0, batch_size=8, holdout=0.25,
                           patience=None, progress_bar=False)
-    assert worse.kept_epoch == 0 and worse.loss_after == pytest.approx(worse.loss_before, rel=1e-5)
+    assert not worse.saved and worse.kept_step == 0 and worse.version == 1 and worse.delta_bytes == 0
+    assert worse.loss_after == pytest.approx(worse.loss_before, rel=1e-5) and not worse.retried  # the rate was given
+    assert p.store.versions("alice") == [1] and same_tensors(stored(p, "alice"), before)
     no_holdout = p.personalize(text_data(12), user="carol", epochs=2, holdout=0.0, progress_bar=False)
-    assert no_holdout.kept_epoch == no_holdout.epochs_run  # without a holdout the last epoch is kept
+    assert no_holdout.saved and no_holdout.kept_step == no_holdout.steps  # without a holdout the last step is kept
 
 
 def test_column_shaped_text_data(p):

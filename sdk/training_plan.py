@@ -1,0 +1,173 @@
+"""How long, how fast and on what ``personalize`` trains, decided from the data it is given.
+
+An app calls ``personalize(user_data)`` for thousands of users and cannot tune anything per
+user, so the SDK chooses, and says why (the plan goes into the result and the delta's info):
+
+- **holdout**: none below ``MIN_HOLDOUT_DATA`` examples (a handful of held-out examples
+  judge nothing and cost a large share of the data); else ``HOLDOUT_FRACTION`` of the data,
+  between ``MIN_HOLDOUT`` and ``MAX_HOLDOUT`` examples, stratified by class. It picks the
+  checkpoint to keep and guards against harm: a delta the holdout scores worse than the
+  starting point is never saved.
+- **length**: a step budget, not a fixed epoch count: ``EPOCHS`` passes over the training
+  examples, but at least ``MIN_STEPS`` steps (tiny data sets need many passes) and at most
+  ``MAX_STEPS`` (large ones need fewer).
+- **learning rate**: the bundle's (``training_defaults``, chosen at export for the model's
+  size) as the peak of a schedule: linear warm-up over ``WARMUP_FRACTION`` of the steps, then
+  linear decay to zero, which makes the result far less sensitive to the peak's exact value.
+- **batch size**: ``BATCH_SIZE``, or the whole training set when it is smaller.
+
+Every choice can be overridden by the caller; a given value is used as given.
+
+Example:
+    >>> plan = plan_training(150, learning_rate=2e-3)
+    >>> plan.holdout, plan.batch_size, plan.steps, plan.warmup_steps
+    (15, 16, 45, 4)
+    >>> round(plan.learning_rate_at(0), 6), round(plan.learning_rate_at(4), 6), plan.learning_rate_at(45)
+    (0.0004, 0.002, 0.0)
+    >>> plan_training(12, learning_rate=1e-2).holdout                  # too few to hold any out
+    0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Schedule = Literal["warmup-linear", "constant"]
+"""``warmup-linear``: linear warm-up, then linear decay to zero (the default); ``constant``."""
+
+BATCH_SIZE = 16
+EPOCHS = 5
+MIN_STEPS = 30
+MAX_STEPS = 400
+WARMUP_FRACTION = 0.1
+HOLDOUT_FRACTION = 0.1
+MIN_HOLDOUT_DATA = 20
+MIN_HOLDOUT = 8
+MAX_HOLDOUT = 40
+EVALUATIONS = 6
+"""About how many times the holdout is scored during training (checkpoints to choose from)."""
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What one ``personalize`` call will do; ``reasons`` says where each value came from.
+
+    Example:
+        >>> plan = plan_training(40, learning_rate=1e-3, epochs=2)
+        >>> plan.steps, plan.reasons["steps"]
+        (4, 'epochs=2 given: 2 x 2 steps')
+    """
+
+    examples: int
+    holdout: int
+    batch_size: int
+    steps: int
+    steps_per_epoch: int
+    learning_rate: float
+    schedule: Schedule
+    warmup_steps: int
+    evaluate_every: int
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def train_examples(self) -> int:
+        """Examples left for training once the holdout is set aside.
+
+        Example:
+            >>> plan_training(100, learning_rate=1e-3).train_examples
+            90
+        """
+        return self.examples - self.holdout
+
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) under the schedule.
+
+        Example:
+            >>> plan = plan_training(150, learning_rate=1e-3, schedule="constant")
+            >>> plan.learning_rate_at(0) == plan.learning_rate_at(40) == 1e-3
+            True
+        """
+        if self.schedule == "constant":
+            return self.learning_rate
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / (self.warmup_steps + 1)
+        remaining = self.steps - self.warmup_steps
+        return self.learning_rate * max(0.0, (self.steps - step) / remaining) if remaining > 0 else self.learning_rate
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as plain JSON-able values (what the delta's info records).
+
+        Example:
+            >>> sorted(plan_training(30, learning_rate=1e-3).as_dict())[:4]
+            ['batch_size', 'evaluate_every', 'examples', 'holdout']
+        """
+        return asdict(self)
+
+
+def plan_training(
+    examples: int,
+    *,
+    learning_rate: float,
+    learning_rate_from: str = "argument",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    holdout: float | None = None,
+    schedule: Schedule = "warmup-linear",
+    max_steps: int | None = None,
+) -> TrainingPlan:
+    """The plan for ``examples`` (after de-duplication), with the caller's overrides applied.
+
+    ``holdout`` is a fraction in [0, 1) (None: chosen as described in the module docstring);
+    ``epochs`` fixes the length (None: the step budget); ``max_steps`` caps it either way.
+
+    Example:
+        >>> plan_training(2000, learning_rate=2e-3).steps                 # capped for large data
+        400
+        >>> plan_training(8, learning_rate=2e-3).steps                    # many passes for tiny data
+        30
+    """
+    reasons: dict[str, str] = {}
+    if holdout is None:
+        if examples < MIN_HOLDOUT_DATA:
+            held = 0
+            reasons["holdout"] = f"none: {examples} examples are fewer than {MIN_HOLDOUT_DATA}, too few to spare any"
+        else:
+            held = min(MAX_HOLDOUT, max(MIN_HOLDOUT, round(HOLDOUT_FRACTION * examples)))
+            reasons["holdout"] = f"{HOLDOUT_FRACTION:g} of {examples} examples, within [{MIN_HOLDOUT}, {MAX_HOLDOUT}]"
+    else:
+        held = math.floor(examples * holdout)
+        if holdout > 0 and examples >= 4:
+            held = max(held, 1)
+        if examples - held < 1:
+            held = 0
+        reasons["holdout"] = f"holdout={holdout:g} given"
+    train = examples - held
+    if batch_size is None:
+        batch_size = max(1, min(BATCH_SIZE, train))
+        reasons["batch_size"] = f"{BATCH_SIZE}, or every training example when fewer"
+    else:
+        reasons["batch_size"] = "given"
+    per_epoch = -(-train // batch_size)
+    if epochs is None:
+        steps = min(MAX_STEPS, max(MIN_STEPS, EPOCHS * per_epoch))
+        reasons["steps"] = f"{EPOCHS} epochs of {per_epoch} steps, within [{MIN_STEPS}, {MAX_STEPS}]"
+    else:
+        steps = epochs * per_epoch
+        reasons["steps"] = f"epochs={epochs} given: {epochs} x {per_epoch} steps"
+    if max_steps is not None and max_steps < steps:
+        steps = max_steps
+        reasons["steps"] += f", capped by max_steps={max_steps}"
+    warmup = int(WARMUP_FRACTION * steps) if schedule == "warmup-linear" else 0
+    reasons["learning_rate"] = (f"{learning_rate:g} from the {learning_rate_from}"
+                                + (f", peak of a {schedule} schedule" if schedule == "warmup-linear" else ", constant"))
+    every = max(1, min(per_epoch, -(-steps // EVALUATIONS))) if held else steps
+    return TrainingPlan(
+        examples=examples, holdout=held, batch_size=batch_size, steps=steps, steps_per_epoch=per_epoch,
+        learning_rate=float(learning_rate), schedule=schedule, warmup_steps=warmup, evaluate_every=every, reasons=reasons,
+    )
+
+
+__all__ = ["Schedule", "TrainingPlan", "plan_training", "BATCH_SIZE", "EPOCHS", "MIN_STEPS", "MAX_STEPS",
+           "WARMUP_FRACTION", "HOLDOUT_FRACTION", "MIN_HOLDOUT_DATA", "MIN_HOLDOUT", "MAX_HOLDOUT", "EVALUATIONS"]
