@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,12 +30,14 @@ from bitfit.sdk.bundle import (
     Bundle, IOSpec, LossName, Manifest, OptimizerName, Task, TextSpec, TrainableTensor,
     file_entry, fingerprint_tensors, write_manifest,
 )
-from bitfit.sdk.errors import BackendUnavailableError, ExportError
+from bitfit.sdk.errors import BackendUnavailableError, ExportError, PolicyError
 from bitfit.sdk.runtime import has_training_api
 
 from . import sources
 from .artifacts import LABEL_INPUT, generate_training_artifacts, loss_for
-from .biases import bias_uses_by_name, cross_check, find_biases, select_trainable
+from .added_biases import AddedBias
+from .added_biases import add_biases as add_bias_tensors
+from .biases import BiasInfo, BiasUse, bias_uses_by_name, cross_check, find_biases, select_trainable
 from .inference_graph import INFERENCE_FILE, WEIGHTS_FILE, build_inference_model
 from .portable import write_portable_models
 from .repairs import ensure_named_nodes, refuse_unsupported, repair_for_training, split_shared_biases
@@ -122,6 +125,7 @@ def export_bundle(
     overwrite: bool = False,
     verbose: bool = False,
     learning_rate: float | None = None,
+    add_biases: str | None = None,
 ) -> Bundle:
     """Export ``model`` to a bundle directory at ``out_dir`` and return it, validated.
 
@@ -135,6 +139,12 @@ def export_bundle(
     ``personalize`` when its caller gives none; None picks 2e-3 for models of >= 1M values
     (tuned on MiniLM) and 1e-2 for smaller ones (docs/bundle-format.md).
 
+    ``add_biases`` gives a bias-free model (Llama-style) zero-initialised biases to train
+    before the policy is applied: ``"linear"`` after every MatMul/Gemm with a weight and no
+    bias, ``"norms"`` a shift after every RMSNorm-style scale, ``"all"`` both, or a regex
+    over the names they would get (``export/added_biases.py``). The base outputs do not
+    change (validated); the manifest lists them under ``source.added_biases``.
+
     Every bundle gets the portable training model (plain onnxruntime) where the graph
     allows; ``ort_training`` decides the onnxruntime-training 1.19.2 artifacts: ``"auto"``
     writes them where that package is installed, ``"required"`` fails without it,
@@ -142,6 +152,78 @@ def export_bundle(
     bundle has and why one is missing.
     """
     out_dir = Path(out_dir)
+    _check_options(out_dir, overwrite=overwrite, policy=policy, loss=loss, optimizer=optimizer, ort_training=ort_training,
+                   learning_rate=learning_rate, add_biases=add_biases)
+    write_ort_training = ort_training != "never" and has_training_api()
+    started = time.perf_counter()
+    src = resolve_source(model, example_inputs=example_inputs, labels=labels, hf_task=hf_task, max_length=max_length)
+    task = task or src.task or "classification"
+    loss = loss or loss_for(task)
+    labels = labels or src.labels
+    forward = src.model
+    chosen = _choose_trainable(forward, src, policy, include, exclude, add_biases)
+    trainable = chosen.names
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        graph_inputs = {i.name for i in forward.graph.input}
+        feeds = {k: v for k, v in src.example_inputs.items() if k in graph_inputs}
+        plan, base = build_inference_model(forward, trainable, chosen.uses, work, feeds)
+        token_ignore = ignore_index if loss == "token-cross-entropy" else None
+        models = _write_training_models(forward, trainable, base, work, feeds, loss=loss, optimizer=optimizer,
+                                        token_ignore=token_ignore, ort_training=ort_training,
+                                        write_ort_training=write_ort_training)
+        files = models.files
+        files.update({"inference_model": INFERENCE_FILE, "weights": WEIGHTS_FILE})
+        text = _write_text_files(src, forward, work, files, tokenizer, max_length)
+        if ort_format:
+            files.update(_write_ort_format(models, trainable, work, loss=loss, optimizer=optimizer, token_ignore=token_ignore))
+        manifest = _build_manifest(
+            src, forward, chosen, plan, base, work, files, models, task=task, loss=loss, optimizer=optimizer,
+            labels=labels, text=text, ignore_index=ignore_index, learning_rate=learning_rate,
+            hf_task=hf_task)
+        bundle = Bundle(work, manifest)
+        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)
+        write_manifest(work, manifest)
+        _log_summary(out_dir, manifest, chosen, plan, started, verbose)
+        _move_into_place(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Bundle.open(out_dir)
+
+
+@dataclass
+class _TrainableChoice:
+    """What the policy chose, with the facts the manifest records about it."""
+
+    names: list[str]
+    selection: Any
+    uses: dict[str, list[BiasUse]]
+    roles: dict[str, str]
+    copies: dict[str, list[str]]
+    unmatched: list[str]
+    added: list[AddedBias]
+    kinds: dict[str, str]
+
+
+@dataclass
+class _TrainingModels:
+    """The training models written into the work directory and what the manifest says of them."""
+
+    files: dict[str, str]
+    portable: Any
+    backends: dict[str, dict[str, Any]]
+    repairs: dict[str, Any]
+    order: list[str]
+    training_graph: onnx.ModelProto | None
+    frozen: list[str]
+
+
+def _check_options(out_dir: Path, *, overwrite: bool, policy: str, loss: Any, optimizer: Any, ort_training: Any,
+                   learning_rate: Any, add_biases: Any) -> None:
+    """Refuse bad arguments before any work starts."""
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists: pass overwrite=True (or --overwrite) to replace it")
     if policy and "+" not in policy and policy not in ("all-biases", "paper-subset"):
@@ -154,119 +236,176 @@ def export_bundle(
         raise ExportError(f"unknown ort_training {ort_training!r}: use auto, required or never")
     if learning_rate is not None and (type(learning_rate) not in (int, float) or not 0 < learning_rate < float("inf")):
         raise ExportError(f"learning_rate must be a positive number or None (chosen by the model's size), got {learning_rate!r}")
+    if add_biases is not None and (not isinstance(add_biases, str) or not add_biases):
+        raise PolicyError(f"add_biases must be None, 'linear', 'norms', 'all' or a regex, got {add_biases!r}")
     if ort_training == "required" and not has_training_api():
         raise BackendUnavailableError(
             "ort_training='required' but this environment has plain onnxruntime, without the gradient builder of "
             "onnxruntime-training: install `pip install 'bitfit[export,ort-training]'` (not beside plain onnxruntime), "
             "or pass ort_training='auto' for a portable-only bundle")
-    write_ort_training = ort_training != "never" and has_training_api()
-    started = time.perf_counter()
-    src = resolve_source(model, example_inputs=example_inputs, labels=labels, hf_task=hf_task, max_length=max_length)
-    task = task or src.task or "classification"
-    loss = loss or loss_for(task)
-    labels = labels or src.labels
-    forward = src.model
+
+
+def _choose_trainable(forward: onnx.ModelProto, src: sources.SourceGraph, policy: str, include: list[str] | None,
+                      exclude: list[str] | None, add_biases: str | None) -> _TrainableChoice:
+    """Add biases where asked, find every bias, apply the policy, split shared biases."""
     refuse_unsupported(forward)
     ensure_named_nodes(forward)
-    biases = find_biases(forward)
+    added = add_bias_tensors(forward, add_biases) if add_biases else []
+    biases = _with_norm_shifts(find_biases(forward), added)
     unmatched = cross_check(biases, src.param_names)
     selection = select_trainable(forward, biases, policy, include=include, exclude=exclude, head_weight=src.head_weight)
-    uses = bias_uses_by_name(biases)
-    copies = split_shared_biases(forward, selection.names, uses)
-    biases = find_biases(forward)
-    uses = bias_uses_by_name(biases)
-    trainable = [n for name in selection.names for n in [name, *copies.get(name, [])]]
-    roles = {b.name: "bias" for b in biases}
+    copies = split_shared_biases(forward, selection.names, bias_uses_by_name(biases))
+    biases = _with_norm_shifts(find_biases(forward), added)
+    names = [n for name in selection.names for n in [name, *copies.get(name, [])]]
+    kinds = {b.name: b.kind for b in biases}
+    kinds.update({a.name: a.kind for a in added})
+    return _TrainableChoice(names, selection, bias_uses_by_name(biases), {b.name: "bias" for b in biases}, copies,
+                            unmatched, added, kinds)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        graph_inputs = {i.name for i in forward.graph.input}
-        feeds = {k: v for k, v in src.example_inputs.items() if k in graph_inputs}
-        plan, base = build_inference_model(forward, trainable, uses, work, feeds)
-        token_ignore = ignore_index if loss == "token-cross-entropy" else None
-        portable = write_portable_models(forward, trainable, {n: list(base[n].shape) for n in trainable}, work, loss=loss,
-                                         optimizer=optimizer, example_inputs=feeds, ignore_index=token_ignore)
-        files: dict[str, str] = dict(portable.files)
-        repairs: dict[str, Any] = {}
-        order: list[str] = []
-        training_graph = None
-        if write_ort_training:
-            training_graph = onnx.ModelProto.FromString(forward.SerializeToString())
-            repairs = repair_for_training(training_graph)
-            float_params = [i.name for i in training_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
-            frozen = [n for n in float_params if n not in trainable]
-            files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
-                                                     ignore_index=token_ignore))
-            order = [i.name for i in onnx.load(str(work / files["training_model"]), load_external_data=False).graph.input
-                     if i.name in base]
-        if not portable.available and not write_ort_training:
-            raise ExportError(
-                f"this model cannot have a portable training model ({portable.reason}) and "
-                + (NO_TRAINING_API if ort_training == "auto" else "ort_training='never' was asked") + ": no backend could train it"
-            )
-        backends = {
-            "portable": {"available": portable.available, "reason": portable.reason},
-            "ort-training": {"available": write_ort_training,
-                             "reason": "" if write_ort_training else ("ort_training='never' was asked" if ort_training == "never" else NO_TRAINING_API)},
-        }
-        files.update({"inference_model": INFERENCE_FILE, "weights": WEIGHTS_FILE})
-        text = src.text
-        tokenizer_file = Path(tokenizer) if tokenizer else src.tokenizer_file
-        if tokenizer_file is not None:
-            files["tokenizer"] = sources.copy_tokenizer(tokenizer_file, work)
-            text = text or _text_spec_for(forward, max_length)
-        if ort_format:
-            if training_graph is not None:
-                files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
-                                                         ignore_index=token_ignore, ort_format=True))
-            files["mobile_inference_model"] = _inference_to_ort(work)
-            # A reduced-operator mobile build must include the inference model's operators too.
-            if (work / "mobile" / "inference.required_operators.config").is_file():
-                files["mobile_inference_model_required_operators"] = "mobile/inference.required_operators.config"
-        inference = onnx.load(str(work / INFERENCE_FILE), load_external_data=False)
-        total = int(sum(v.size for v in base.values()))
-        trainable_values = int(sum(base[n].size for n in trainable))
-        manifest = Manifest(
-            base_fingerprint=fingerprint_tensors(base),
-            task=task, loss=loss, optimizer=optimizer,
-            inputs=_io_specs(inference.graph.input, exclude=set(trainable) | {i.name for i in inference.graph.initializer}),
-            outputs=_io_specs(inference.graph.output),
-            trainable=[TrainableTensor(n, list(base[n].shape), "float32", roles.get(n, "head-weight" if n == selection.head_weight else "other"),
-                                       plan.inference_shapes[n]) for n in trainable],
-            files={},
-            policy={"name": selection.policy, "include": selection.include, "exclude": selection.exclude,
-                    "trainable_values": trainable_values, "total_values": total,
-                    "fraction": trainable_values / total, "unmatched_framework_biases": unmatched,
-                    "split_shared_biases": copies},
-            labels=list(labels) if labels else None, text=text,
-            ignore_index=ignore_index if loss == "token-cross-entropy" else None,
-            per_row=plan.per_row, label_input=LABEL_INPUT,
-            source={"kind": src.kind, "name": src.name, "parameter_order": order, "repairs": repairs,
-                    "per_row_reason": plan.reason, "bitfit_version": BITFIT_VERSION,
-                    "optimizer_settings": OPTIMIZER_SETTINGS[optimizer], "portable": portable.stats},
-            opset=next((o.version for o in forward.opset_import if o.domain in ("", "ai.onnx")), 17),
-            ort_version=_ort_version(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            training_backends=backends,
-            training_defaults={"learning_rate": float(learning_rate) if learning_rate is not None else default_learning_rate(total)},
+
+def _with_norm_shifts(biases: list[BiasInfo], added: list[AddedBias]) -> list[BiasInfo]:
+    # A shift added after an RMSNorm scale is an Add after a Mul, which the structural search
+    # (an Add after MatMul/Conv/Gemm) does not call a bias; it is one all the same.
+    known = {b.name for b in biases}
+    extra = [BiasInfo(a.name, a.shape, "layernorm", (BiasUse(a.node, "Add", 1),))
+             for a in added if a.kind == "norm-shift" and a.name not in known]
+    return biases + extra
+
+
+def _write_training_models(forward: onnx.ModelProto, trainable: list[str], base: dict[str, np.ndarray], work: Path,
+                           feeds: dict[str, np.ndarray], *, loss: str, optimizer: str, token_ignore: int | None,
+                           ort_training: str, write_ort_training: bool) -> _TrainingModels:
+    """The portable models, and the ORT training artifacts where asked and possible."""
+    portable = write_portable_models(forward, trainable, {n: list(base[n].shape) for n in trainable}, work, loss=loss,
+                                     optimizer=optimizer, example_inputs=feeds, ignore_index=token_ignore)
+    files: dict[str, str] = dict(portable.files)
+    repairs: dict[str, Any] = {}
+    order: list[str] = []
+    training_graph = None
+    frozen: list[str] = []
+    if write_ort_training:
+        training_graph = onnx.ModelProto.FromString(forward.SerializeToString())
+        repairs = repair_for_training(training_graph)
+        float_params = [i.name for i in training_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+        frozen = [n for n in float_params if n not in trainable]
+        files.update(generate_training_artifacts(training_graph, trainable, frozen, work, loss=loss, optimizer=optimizer,
+                                                 ignore_index=token_ignore))
+        order = [i.name for i in onnx.load(str(work / files["training_model"]), load_external_data=False).graph.input
+                 if i.name in base]
+    if not portable.available and not write_ort_training:
+        raise ExportError(
+            f"this model cannot have a portable training model ({portable.reason}) and "
+            + (NO_TRAINING_API if ort_training == "auto" else "ort_training='never' was asked") + ": no backend could train it"
         )
-        manifest.files = {k: file_entry(work, v) for k, v in files.items()}
-        bundle = Bundle(work, manifest)
-        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)
-        write_manifest(work, manifest)
-        trains_with = [b for b, v in backends.items() if v["available"]]
-        summary = (f"bitfit: {out_dir}: {len(trainable)} trainable tensors ({selection.policy}), {trainable_values:,} of "
-                   f"{total:,} values ({100 * trainable_values / total:.3f}%), per-row users: "
-                   f"{'yes' if plan.per_row else 'no (' + plan.reason + ')'}, backends: {', '.join(trains_with)}, "
-                   f"validated in {time.perf_counter() - started:.1f}s")
-        log.info(summary)
-        if verbose:
-            print(summary)
-        _move_into_place(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return Bundle.open(out_dir)
+    backends = {
+        "portable": {"available": portable.available, "reason": portable.reason},
+        "ort-training": {"available": write_ort_training,
+                         "reason": "" if write_ort_training else ("ort_training='never' was asked" if ort_training == "never" else NO_TRAINING_API)},
+    }
+    return _TrainingModels(files, portable, backends, repairs, order, training_graph, frozen)
+
+
+def _write_text_files(src: sources.SourceGraph, forward: onnx.ModelProto, work: Path, files: dict[str, str],
+                      tokenizer: str | os.PathLike | None, max_length: int) -> TextSpec | None:
+    """Copy the tokenizer in (text models); the text spec the manifest records."""
+    text = src.text
+    tokenizer_file = Path(tokenizer) if tokenizer else src.tokenizer_file
+    if tokenizer_file is not None:
+        files["tokenizer"] = sources.copy_tokenizer(tokenizer_file, work)
+        text = text or _text_spec_for(forward, max_length)
+    return text
+
+
+def _write_ort_format(models: _TrainingModels, trainable: list[str], work: Path, *, loss: str, optimizer: str,
+                      token_ignore: int | None) -> dict[str, str]:
+    """The ORT-format copies for mobile runtimes (``ort_format=True``)."""
+    files: dict[str, str] = {}
+    if models.training_graph is not None:
+        files.update(generate_training_artifacts(models.training_graph, trainable, models.frozen, work, loss=loss,
+                                                 optimizer=optimizer, ignore_index=token_ignore, ort_format=True))
+    files["mobile_inference_model"] = _inference_to_ort(work)
+    # A reduced-operator mobile build must include the inference model's operators too.
+    if (work / "mobile" / "inference.required_operators.config").is_file():
+        files["mobile_inference_model_required_operators"] = "mobile/inference.required_operators.config"
+    return files
+
+
+def _build_manifest(src: sources.SourceGraph, forward: onnx.ModelProto, chosen: _TrainableChoice, plan: Any,
+                    base: dict[str, np.ndarray], work: Path, files: dict[str, str], models: _TrainingModels, *,
+                    task: Task, loss: LossName, optimizer: OptimizerName, labels: list[str] | None, text: TextSpec | None,
+                    ignore_index: int, learning_rate: float | None, hf_task: str | None) -> Manifest:
+    """The manifest of the bundle in ``work`` (validation is filled in afterwards)."""
+    trainable, selection = chosen.names, chosen.selection
+    inference = onnx.load(str(work / INFERENCE_FILE), load_external_data=False)
+    total = int(sum(v.size for v in base.values()))
+    trainable_values = int(sum(base[n].size for n in trainable))
+    manifest = Manifest(
+        base_fingerprint=fingerprint_tensors(base),
+        task=task, loss=loss, optimizer=optimizer,
+        inputs=_io_specs(inference.graph.input, exclude=set(trainable) | {i.name for i in inference.graph.initializer}),
+        outputs=_io_specs(inference.graph.output),
+        trainable=[TrainableTensor(n, list(base[n].shape), "float32",
+                                   chosen.roles.get(n, "head-weight" if n == selection.head_weight else "other"),
+                                   plan.inference_shapes[n]) for n in trainable],
+        files={},
+        policy={"name": selection.policy, "include": selection.include, "exclude": selection.exclude,
+                "trainable_values": trainable_values, "total_values": total,
+                "fraction": trainable_values / total, "unmatched_framework_biases": chosen.unmatched,
+                "split_shared_biases": chosen.copies},
+        labels=list(labels) if labels else None, text=text,
+        ignore_index=ignore_index if loss == "token-cross-entropy" else None,
+        per_row=plan.per_row, label_input=LABEL_INPUT,
+        source={"kind": src.kind, "name": src.name, "parameter_order": models.order, "repairs": models.repairs,
+                "per_row_reason": plan.reason, "bitfit_version": BITFIT_VERSION,
+                "optimizer_settings": OPTIMIZER_SETTINGS[optimizer], "portable": models.portable.stats,
+                "parameter_names": source_parameter_names(trainable, chosen.copies, src.param_names, chosen.added),
+                "bias_kinds": {n: chosen.kinds[n] for n in trainable if n in chosen.kinds},
+                "added_biases": {a.name: a.as_dict() for a in chosen.added if a.name in trainable},
+                **({"hf_task": hf_task} if src.kind == "hf" and hf_task else {})},
+        opset=next((o.version for o in forward.opset_import if o.domain in ("", "ai.onnx")), 17),
+        ort_version=_ort_version(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        training_backends=models.backends,
+        training_defaults={"learning_rate": float(learning_rate) if learning_rate is not None else default_learning_rate(total)},
+    )
+    manifest.files = {k: file_entry(work, v) for k, v in files.items()}
+    return manifest
+
+
+def source_parameter_names(trainable: list[str], copies: dict[str, list[str]], param_names: list[str] | None,
+                           added: tuple[AddedBias, ...] | list[AddedBias] = ()) -> dict[str, str | None]:
+    """Each trainable tensor's parameter name in the source model (``manifest.source.parameter_names``).
+
+    A split copy (``x.bias.__copy1``) maps to the parameter it was split from; a tensor the
+    source model does not have (a bias ``add_biases`` added, an ``.onnx`` source's tensors,
+    which have no framework names) maps to None.
+
+    Example:
+        >>> source_parameter_names(["0.bias", "0.bias.__copy1", "onnx::Add_3"], {"0.bias": ["0.bias.__copy1"]},
+        ...                        ["0.weight", "0.bias"])
+        {'0.bias': '0.bias', '0.bias.__copy1': '0.bias', 'onnx::Add_3': None}
+    """
+    origin = {copy: name for name, group in copies.items() for copy in group}
+    known = set(param_names or [])
+    added_names = {a.name for a in added}
+    out: dict[str, str | None] = {}
+    for name in trainable:
+        original = origin.get(name, name)
+        out[name] = original if original in known and name not in added_names else None
+    return out
+
+
+def _log_summary(out_dir: Path, manifest: Manifest, chosen: _TrainableChoice, plan: Any, started: float, verbose: bool) -> None:
+    policy = manifest.policy
+    trains_with = [b for b, v in manifest.training_backends.items() if v["available"]]
+    added = f", {len(manifest.source['added_biases'])} of them added" if manifest.source.get("added_biases") else ""
+    summary = (f"bitfit: {out_dir}: {len(chosen.names)} trainable tensors ({chosen.selection.policy}{added}), "
+               f"{policy['trainable_values']:,} of {policy['total_values']:,} values "
+               f"({100 * policy['fraction']:.3f}%), per-row users: "
+               f"{'yes' if plan.per_row else 'no (' + plan.reason + ')'}, backends: {', '.join(trains_with)}, "
+               f"validated in {time.perf_counter() - started:.1f}s")
+    log.info(summary)
+    if verbose:
+        print(summary)
 
 
 def default_learning_rate(total_values: int) -> float:
@@ -335,4 +474,4 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["export_bundle", "resolve_source"]
+__all__ = ["export_bundle", "resolve_source", "source_parameter_names"]
