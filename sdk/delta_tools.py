@@ -233,8 +233,8 @@ def format_inspection(report: Mapping[str, Any], *, title: str = "") -> str:
         >>> print(format_inspection(inspect_delta(d), title="alice v1"))
         alice v1: 1 tensors, 2 values, fp32, base sha256:00
           L2 5, max |change| 4 (no bundle given: absolute sizes only)
-        layer  tensors  values  L2      max|d|  relative
-        h.0          1       2  5.0000  4.0000  -
+        layer  tensors  values      L2  max|d|  relative
+        h.0          1       2  5.0000  4.0000         -
         most moved:
           h.0.b  L2 5.0000  max|d| 4.0000
     """
@@ -248,7 +248,7 @@ def format_inspection(report: Mapping[str, Any], *, title: str = "") -> str:
     for row in report["layers"]:
         table.append([row["layer"], str(row["tensors"]), f"{row['size']:,}", f"{row['l2']:.4f}", f"{row['max_abs']:.4f}",
                       _fmt(row["relative"])])
-    lines.extend(_table(table, right={1, 2}))
+    lines.extend(_table(table, right={1, 2, 3, 4, 5}))
     lines.append("most moved:")
     for row in report["top"]:
         lines.append(f"  {row['name']}  L2 {row['l2']:.4f}  max|d| {row['max_abs']:.4f}"
@@ -264,7 +264,7 @@ def format_comparison(result: Mapping[str, Any], *, title: str = "") -> str:
         >>> a = Delta({"h.0.b": np.array([1.0, 0.0])}, "sha256:00", encoding="fp32")
         >>> print(format_comparison(compare_deltas(a, a), title="alice vs alice"))
         alice vs alice: cosine 1.0000, L2 of the difference 0.0000
-        layer  tensors  cosine  L2 a    L2 b    L2 a-b
+        layer  tensors  cosine    L2 a    L2 b  L2 a-b
         h.0          1  1.0000  1.0000  1.0000  0.0000
     """
     overall = result["overall"]
@@ -273,7 +273,7 @@ def format_comparison(result: Mapping[str, Any], *, title: str = "") -> str:
     for row in result["layers"]:
         table.append([row["layer"], str(row["tensors"]), _fmt(row["cosine"]), f"{row['l2_a']:.4f}", f"{row['l2_b']:.4f}",
                       f"{row['l2_diff']:.4f}"])
-    lines.extend(_table(table, right={1}))
+    lines.extend(_table(table, right={1, 2, 3, 4, 5}))
     return "\n".join(lines)
 
 
