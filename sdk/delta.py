@@ -23,15 +23,12 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import contextlib
-import errno
 import hashlib
 import itertools
 import json
 import math
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,6 +37,7 @@ from typing import Any, Literal, Mapping, get_args
 
 import numpy as np
 
+from .atomic_files import write_file_atomic
 from .errors import (
     DecryptionError,
     DeltaCorruptError,
@@ -47,7 +45,6 @@ from .errors import (
     DeltaNotFoundError,
     InvalidArgumentError,
     MissingDependencyError,
-    StoreWriteError,
     TrainingDivergedError,
 )
 
@@ -65,7 +62,6 @@ SCALES = "scales"
 # small compressed string from inflating into gigabytes (a zip bomb).
 MAX_LAYOUT_BYTES = 1024 * 1024
 ENCRYPTED_MAGIC = b"BFDELTA-AESGCM1\n"
-TEMP_PREFIX = ".tmp-"
 # Far above any bias-only delta (a 7B model has a few MB of biases); it only stops a
 # stray huge file from being read into memory whole.
 MAX_DELTA_BYTES = 256 * 1024 * 1024
@@ -465,42 +461,6 @@ def validate_key(key: Any) -> bytes:
     return key
 
 
-def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace the file at ``path`` with ``data`` so that a crash leaves the old or the new file.
-
-    Writes a ``.tmp-`` file in the same directory, fsyncs it, renames it over ``path``
-    and fsyncs the directory (so the rename itself survives a power cut).
-
-    Raises:
-        StoreWriteError: the write failed; the old file is intact and the temp file removed.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "HEAD"
-        >>> write_file_atomic(p, b"1")
-        >>> p.read_bytes()
-        b'1'
-    """
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=path.parent)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        raise _write_error(path, err) from err
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
 # ---------------------------------------------------------------- private helpers
 
 
@@ -708,8 +668,18 @@ def _is_int(x: Any) -> bool:
     return type(x) is int and x >= 0
 
 
-def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], int, int]], int]:
-    """Validate the safetensors framing; return (metadata, name -> (dtype, shape, start, end), data start)."""
+def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...], bytes]]]:
+    """The metadata and the stored tensors (name -> (dtype, shape, raw bytes)) of a delta file.
+
+    The header is read here, since safetensors' own reader does not return the metadata,
+    and checked for what docs/delta-format.md refuses but safetensors accepts: repeated
+    keys, entry keys beyond dtype/shape/data_offsets, dtypes other than F32/F16/I8, empty or
+    NUL names. safetensors then checks the rest of the framing: shapes and offsets are
+    non-negative integers, each byte range matches its shape, and the ranges tile the data
+    buffer (no gap, no overlap, no trailing byte).
+    """
+    from safetensors import SafetensorError, deserialize
+
     if len(data) < 8:
         raise _corrupt(f"the file is {len(data)} bytes, too short for a safetensors header (truncated or empty)")
     n = int.from_bytes(data[:8], "little")
@@ -728,32 +698,23 @@ def _parse_header(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, tup
         raise _corrupt("the file has no bitfit-delta metadata (it may be another safetensors file)")
     if not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
         raise _corrupt("the metadata has non-string values, NUL characters or invalid unicode")
-    buffer_len = len(data) - 8 - n
-    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, entry in header.items():
         if not name or not _is_text(name):
             raise _corrupt("a tensor name is empty, contains NUL or is invalid unicode")
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _corrupt(f"tensor {name!r} has a malformed header entry")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _NUMPY_DTYPE:
-            raise _corrupt(f"tensor {name!r} has dtype {dtype!r}; a delta stores only F32, F16 or I8")
-        if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
-            raise _corrupt(f"tensor {name!r} has a malformed shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-            raise _corrupt(f"tensor {name!r} has malformed data_offsets")
-        start, end = offsets
-        if not start <= end <= buffer_len or end - start != math.prod(shape) * _NUMPY_DTYPE[dtype].itemsize:
-            raise _corrupt(f"tensor {name!r} has data_offsets that do not match its shape or the file size")
-        entries[name] = (dtype, tuple(shape), start, end)
-    position = 0
-    for _, _, start, end in sorted(entries.values(), key=lambda e: (e[2], e[3])):
-        if start != position:
-            raise _corrupt("the tensor data has gaps or overlaps")
-        position = end
-    if position != buffer_len:
-        raise _corrupt("the tensor data does not fill the file (trailing or missing bytes)")
-    return metadata, entries, 8 + n
+        if entry["dtype"] not in _NUMPY_DTYPE:
+            raise _corrupt(f"tensor {name!r} has dtype {entry['dtype']!r}; a delta stores only F32, F16 or I8")
+    try:
+        raw = {name: bytes(info["data"]) for name, info in deserialize(data)}
+    except SafetensorError as err:
+        detail = str(err).removeprefix("Error while deserializing: ")
+        raise _corrupt(
+            f"the header's shapes and data_offsets do not describe the file's tensor data ({detail}): "
+            "the byte ranges must match the shapes and tile the data exactly"
+        ) from err
+    entries = {name: (entry["dtype"], tuple(entry["shape"]), raw[name]) for name, entry in header.items()}
+    return metadata, entries
 
 
 def _decode_layout(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -806,16 +767,15 @@ def _check_version(metadata: Mapping[str, str]) -> None:
 
 
 def _decode_plain(data: bytes) -> Delta:
-    metadata, entries, data_start = _parse_header(data)
+    metadata, entries = _parse_header(data)
     _check_version(metadata)  # first: an old file also lacks this version's keys
     missing = [k for k in _METADATA_KEYS if k not in metadata]
     if missing:
         raise _corrupt(f"the metadata lacks {', '.join(missing)}")
     if not _CHECKSUM_RE.fullmatch(metadata["checksum"]):
         raise _corrupt("the checksum field is malformed")
-    buffer = memoryview(data)[data_start:]
-    raw = {name: bytes(buffer[s:e]) for name, (_, _, s, e) in entries.items()}
-    actual = _checksum(metadata, [(name, dt, shape, raw[name]) for name, (dt, shape, _, _) in entries.items()])
+    raw = {name: data for name, (_, _, data) in entries.items()}
+    actual = _checksum(metadata, [(name, dt, shape, data) for name, (dt, shape, data) in entries.items()])
     if actual != metadata["checksum"]:
         raise _corrupt("checksum mismatch: the file was altered or damaged")
     encoding = metadata["encoding"]
@@ -841,7 +801,7 @@ def _decode_plain(data: bytes) -> Delta:
             + (f"; unexpected {_names(surplus)}" if surplus else "")
         )
     for name, (dtype, shape) in expected.items():
-        got_dtype, got_shape, _, _ = entries[name]
+        got_dtype, got_shape, _ = entries[name]
         if got_dtype != dtype:
             raise _corrupt(f"tensor {name!r} is stored as {got_dtype}, but encoding {encoding!r} stores {dtype}")
         if got_shape != shape:
@@ -883,30 +843,3 @@ def _unpack(
     if bad.size:
         raise _corrupt(f"tensor {owner(int(bad[0]))!r} holds NaN or infinite values")
     return {name: part.reshape(shape) for (name, shape), part in zip(layout, np.split(values, ends[:-1]))}
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return  # Windows cannot open a directory; its rename is durable enough for us
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename already happened
-    finally:
-        os.close(fd)
-
-
-def _write_error(path: Path, err: OSError) -> StoreWriteError:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        why = "the disk is full; free some space"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why = "the location is read-only or not writable; check permissions or pick another store root"
-    else:
-        why = "check the disk and the directory's permissions"
-    out = StoreWriteError(f"could not write {path}: {err.strerror or err} ({why}); the previous file is intact")
-    out.errno = err.errno
-    return out

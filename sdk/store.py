@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .delta import TEMP_PREFIX, Delta, encode_delta, load_delta, validate_key, write_file_atomic
+from .atomic_files import TEMP_PREFIX, write_file_atomic
+from .delta import Delta, encode_delta, load_delta, validate_key
 from .errors import (
     DeltaCorruptError,
     DeltaNotFoundError,

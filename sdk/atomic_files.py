@@ -1,0 +1,92 @@
+"""Crash-safe file replacement for the delta store: a reader sees the old file or the new
+one, never a half-written one, also after a power cut.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from bitfit.sdk.atomic_files import write_file_atomic
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "HEAD"
+    >>> write_file_atomic(path, b'{"current": 1}')
+    >>> path.read_bytes()
+    b'{"current": 1}'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import StoreWriteError
+
+# Temporary files start with this; the store removes such leftovers of a crash.
+TEMP_PREFIX = ".tmp-"
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data`` so that a crash leaves the old or the new file.
+
+    Writes a ``.tmp-`` file in the same directory, fsyncs it, renames it over ``path``
+    and fsyncs the directory (so the rename itself survives a power cut).
+
+    Raises:
+        StoreWriteError: the write failed (its ``errno`` is the OS error's); the old file is
+            intact and the temp file removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> write_file_atomic(folder / "v1", b"old")
+        >>> write_file_atomic(folder / "v1", b"new")
+        >>> (folder / "v1").read_bytes(), sorted(p.name for p in folder.iterdir())   # no temp file left
+        (b'new', ['v1'])
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=path.parent)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise _write_error(path, err) from err
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return  # Windows cannot open a directory; its rename is durable enough for us
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename already happened
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, err: OSError) -> StoreWriteError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full; free some space"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the location is read-only or not writable; check permissions or pick another store root"
+    else:
+        why = "check the disk and the directory's permissions"
+    out = StoreWriteError(f"could not write {path}: {err.strerror or err} ({why}); the previous file is intact")
+    out.errno = err.errno
+    return out
+
+
+__all__ = ["write_file_atomic", "TEMP_PREFIX"]
