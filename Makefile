@@ -79,8 +79,9 @@ $(FLOOR_STAMP): pyproject.toml Makefile
 $(BUNDLE_STAMP): $(STAMP) $(BUNDLE_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) device_tests/make_bundles.py $(BUNDLES)
 
+# The demo story lives beside the library (demo/, not installed): run from the repo root.
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/bitfit demo
+	HF_HUB_OFFLINE=1 $(PY) -m demo
 
 # The workstation suite (.venv), then the device suite (.venv-device); either failing fails make test.
 test: install

@@ -10,7 +10,7 @@ Writes, under OUT (default ``tiny_bundles/``), in a few seconds:
   general numeric rule of ``example_data.py``.
 - ``tiny-cnn/`` (with ``--cnn``): Conv2d + BatchNorm2d, twice, over ``image: [batch, 3, 8, 8]``.
 
-The device examples take any bundle, so ``bitfit demo``'s ``demo_out/bundle`` (MiniLM) works
+The device examples take any bundle, so ``make demo``'s ``demo_out/bundle`` (MiniLM) works
 too. ``--ort-format`` adds the ``mobile/`` ORT-format artifacts (see docs/mobile.md).
 
 Usage:

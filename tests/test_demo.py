@@ -1,4 +1,5 @@
-"""The quick demo end to end: packaged MiniLM, real tweets, two users (~1 minute)."""
+"""The quick demo end to end (``demo/``, beside the library): packaged MiniLM, real tweets,
+two users (~1 minute)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 @pytest.mark.integration
 def test_quick_demo_personalizes_users_and_writes_report_and_plot(tmp_path, capsys):
-    from bitfit.export.demo import run_demo
+    from demo.story import run_demo
 
     result = run_demo(out_dir=tmp_path / "demo", quick=True)
     out = capsys.readouterr().out
@@ -16,12 +17,18 @@ def test_quick_demo_personalizes_users_and_writes_report_and_plot(tmp_path, caps
     assert report.is_file() and plot.is_file()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text(encoding="utf-8")
-    assert "bitfit demo --out" in text and "--quick" in text and "onnxruntime-training-cpu" in text
+    assert "python -m demo --out" in text and "--quick" in text and "onnxruntime-training-cpu" in text
 
     users = result["users"]
     assert len(users) == 2
     for user, r in users.items():
-        assert r["accuracy_after"] >= r["accuracy_before"] - 0.02, (user, r)
+        # Personalization must help every user, by a margin. Measured by this quick run
+        # (2026-12-02, deterministic seed): cars-fan 0.773 -> 0.933 (+0.160), festival-goer
+        # 0.347 -> 0.620 (+0.273) on 150 holdout tweets each. One binomial standard error of a
+        # 150-tweet accuracy is at most sqrt(0.25 / 150) = 0.041: the margin, two of them (0.08),
+        # sits far below both gains, and a personalization that stops helping (e.g. a learning
+        # rate of ~0: +0.000 for both) fails it.
+        assert r["accuracy_after"] >= r["accuracy_before"] + 0.08, (user, r)
         assert 0 < r["delta_bytes"] < 200_000 and r["train_seconds"] > 0
         assert user in text and f"{r['accuracy_after']:.3f}" in text
     assert max(r["accuracy_after"] - r["accuracy_before"] for r in users.values()) >= 0.05

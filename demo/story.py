@@ -1,9 +1,10 @@
-"""``bitfit demo``: the whole story on the packaged MiniLM and real tweets, offline.
+"""``python -m demo`` (``make demo``): the whole story on the packaged MiniLM and real tweets, offline.
 
 1. **Workstation.** The packaged all-MiniLM-L6-v2 encoder gets a 3-way sentiment head
    (negative / neutral / positive), trained as a logistic regression on cached mean-pooled
    embeddings of a *general* slice of tweets (topics no demo user writes about), and is
-   exported to a bias-only training bundle.
+   exported to a bias-only training bundle (``demo.base_model``: the recipe the benchmarks
+   use too).
 2. **Device.** Each user writes about one topic with their own habit (mostly neutral
    self-driving-car news, mostly happy festival-goers, ...). ``Personalizer`` trains only
    that user's biases on ~150 of their tweets within a time budget and stores a ~50 KB delta.
@@ -16,7 +17,7 @@ Nothing is downloaded: the model and the tweets come from installed wheels
 (``../shared/DATA.md``), and ``HF_HUB_OFFLINE=1`` is set as a safety net.
 
 Example:
-    >>> from bitfit.export.demo import run_demo
+    >>> from demo.story import run_demo
     >>> result = run_demo("demo_out", quick=True)                         # doctest: +SKIP
     >>> {u: (r["accuracy_before"], r["accuracy_after"]) for u, r in result["users"].items()}  # doctest: +SKIP
     {'cars-fan': (0.773, 0.933), 'festival-goer': (0.347, 0.62)}
@@ -24,34 +25,22 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.metadata
 import os
 import platform
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .datasets import TWEET_LABELS, Tweet, load_tweets, sample, tweets_by_domain
-
-# Topics the base head is trained on; no demo user writes about them.
-GENERAL_DOMAINS = (
-    "other", "deflategate", "airline:southwestair", "airline:jetblue", "airline:virginamerica",
-    "airline:usairways", "airline:americanair",
-)
-# Annotator agreement below this is closer to a coin flip than to a label.
-MIN_CONFIDENCE = 0.6
-MAX_LENGTH = 64
-EMBED_BATCH = 64
-HEAD_STEPS = 300
-HEAD_LEARNING_RATE = 1e-2
-HEAD_L2 = 1e-2  # with 480-1200 examples in 384 dims, less L2 overfits (held-out accuracy 0.61-0.67)
+from .base_model import HEAD_STEPS, build_base_bundle
+from .datasets import GENERAL_DOMAINS, MIN_CONFIDENCE, TWEET_LABELS, Tweet, load_tweets, sample, tweets_by_domain, unique
+from .datasets import general_slice as _general_slice
 # Holdout accuracy by learning rate, measured on this demo's full run (base -> 1e-3 / 2e-3 /
 # 5e-3 / 1e-2). 2e-3 (the SDK default) is within 0.02 of the best for every user, while 5e-3
 # and 1e-2 fall below the base for some: on ~20 inner-holdout tweets early stopping cannot
@@ -77,7 +66,12 @@ SENTENCES = (
 
 @dataclass(frozen=True)
 class DemoUser:
-    """One simulated device user: an id, the topic they tweet about, their habit."""
+    """One simulated device user: an id, the topic they tweet about, their habit.
+
+    Example:
+        >>> [u.domain for u in USERS]
+        ['self-driving-cars', 'festival', 'apple', 'airline:united']
+    """
 
     user: str
     domain: str
@@ -94,7 +88,12 @@ USERS = (
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes for a full or a quick run."""
+    """Sizes for a full or a quick run.
+
+    Example:
+        >>> FULL.train_per_user, QUICK.users
+        (150, 2)
+    """
 
     general_per_label: int
     users: int
@@ -131,11 +130,11 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", quick: bool = False) -> di
     config = QUICK if quick else FULL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = f"bitfit demo --out {out_dir}" + (" --quick" if quick else "")
+    command = f"python -m demo --out {out_dir}" + (" --quick" if quick else "")
     seconds: dict[str, float] = {}
 
     _title(f"bitfit demo{' (quick)' if quick else ''}: on-device personalization by bias-only fine-tuning")
-    tweets = _unique(load_tweets(min_confidence=MIN_CONFIDENCE))
+    tweets = unique(load_tweets(min_confidence=MIN_CONFIDENCE))
     domains = tweets_by_domain(tweets)
     users = USERS[: config.users]
     general = _general_slice(domains, config.general_per_label)
@@ -185,26 +184,6 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", quick: bool = False) -> di
 # ----------------------------------------------------------------------------- data
 
 
-def _unique(tweets: list[Tweet]) -> list[Tweet]:
-    # Retweets repeat a text verbatim; a repeat across train and holdout would flatter the result.
-    seen: set[str] = set()
-    out = []
-    for t in tweets:
-        if t.text not in seen:
-            seen.add(t.text)
-            out.append(t)
-    return out
-
-
-def _general_slice(domains: dict[str, list[Tweet]], per_label: int) -> list[Tweet]:
-    """A label-balanced sample of the general topics: the base model has no prior habit."""
-    pool = [t for name in GENERAL_DOMAINS for t in domains.get(name, [])]
-    out: list[Tweet] = []
-    for index, label in enumerate(TWEET_LABELS):
-        out += sample([t for t in pool if t.label == label], per_label, seed=index)
-    return sample(out, len(out), seed=99)
-
-
 def _user_split(tweets: list[Tweet], config: DemoConfig, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, holdout) for one user: disjoint samples of their topic's tweets."""
     chosen = sample(tweets, config.train_per_user + config.holdout_per_user, seed=1000 + seed)
@@ -221,94 +200,24 @@ def _label_mix(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def _build_bundle(general: list[Tweet], bundle_dir: Path) -> dict[str, Any]:
-    """Train the head on cached embeddings of ``general``, export, return the numbers."""
-    from . import export_bundle
-    from .minilm import MeanPoolClassifier, example_text_inputs, minilm_dir
-
-    with _quiet_transformers():
-        t = time.perf_counter()
-        model = MeanPoolClassifier.from_packaged(TWEET_LABELS)
-        load_seconds = time.perf_counter() - t
-    tokenizer_file = minilm_dir() / "tokenizer.json"
-    print(f"model: packaged all-MiniLM-L6-v2 + mean pooling + linear head over {TWEET_LABELS} ({load_seconds:.1f} s to load)")
+    """The base head on ``general`` (``demo.base_model``'s recipe), exported; return the numbers."""
     domains_used = Counter(t.domain for t in general)
     print(f"general slice: {len(general):,} tweets, label-balanced, from {', '.join(sorted(domains_used))}")
-
-    t = time.perf_counter()
-    embeddings = _embed(model, tokenizer_file, [x.text for x in general])
-    embed_seconds = time.perf_counter() - t
-    labels = np.array([TWEET_LABELS.index(x.label) for x in general], np.int64)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(labels))
-    valid, train = order[: len(order) // 5], order[len(order) // 5:]
-
-    t = time.perf_counter()
-    train_acc, valid_acc = _train_head(model.head, embeddings, labels, train, valid)
-    head_seconds = time.perf_counter() - t
-    print(f"head: {HEAD_STEPS} Adam steps on cached embeddings in {head_seconds:.1f} s; "
-          f"accuracy {train_acc:.3f} on its {len(train)} training tweets, {valid_acc:.3f} on {len(valid)} held-out general tweets")
-
-    print("export: torch module -> ONNX -> bias-only training bundle ...", flush=True)
-    t = time.perf_counter()
-    bundle = export_bundle(
-        model, bundle_dir, example_inputs=example_text_inputs(tokenizer_file, MAX_LENGTH), labels=TWEET_LABELS,
-        tokenizer=tokenizer_file, max_length=MAX_LENGTH, overwrite=True,
-    )
-    export_seconds = time.perf_counter() - t
+    _, bundle, info = build_base_bundle([(t.text, t.label) for t in general], bundle_dir, TWEET_LABELS, verbose=True)
     m = bundle.manifest
     size = sum(e.bytes for e in m.files.values())
-    print(f"bundle: {bundle_dir} ({size / 1e6:.0f} MB, {export_seconds:.1f} s): {len(m.trainable)} bias tensors, "
+    print(f"bundle: {bundle_dir} ({size / 1e6:.0f} MB, {info['export_seconds']:.1f} s): {len(m.trainable)} bias tensors, "
           f"{m.policy['trainable_values']:,} of {m.policy['total_values']:,} values trainable "
           f"({100 * m.policy['fraction']:.3f}%), per-row {m.per_row}, "
           f"inference vs torch max diff {m.validation.get('inference_vs_source_max_abs_diff', float('nan')):.1e}")
     return {
-        "general_examples": len(general), "general_domains": sorted(domains_used), "head_train_accuracy": train_acc,
-        "head_valid_accuracy": valid_acc, "trainable_tensors": len(m.trainable),
-        "trainable_values": m.policy["trainable_values"], "total_values": m.policy["total_values"],
-        "bundle_bytes": size, "validation": m.validation, "load_seconds": load_seconds, "embed_seconds": embed_seconds,
-        "head_seconds": head_seconds, "export_seconds": export_seconds,
+        "general_examples": len(general), "general_domains": sorted(domains_used),
+        "head_train_accuracy": info["head_train_accuracy"], "head_valid_accuracy": info["head_valid_accuracy"],
+        "trainable_tensors": len(m.trainable), "trainable_values": m.policy["trainable_values"],
+        "total_values": m.policy["total_values"], "bundle_bytes": size, "validation": m.validation,
+        "load_seconds": info["load_seconds"], "embed_seconds": info["embed_seconds"],
+        "head_seconds": info["head_seconds"], "export_seconds": info["export_seconds"],
     }
-
-
-def _embed(model: Any, tokenizer_file: Path, texts: list[str]) -> np.ndarray:
-    """Mean-pooled embeddings, batches of similar length (less padding, ~4x faster)."""
-    import torch
-    from tokenizers import Tokenizer
-    from tqdm.auto import tqdm
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    tokenizer.enable_truncation(MAX_LENGTH)
-    tokenizer.enable_padding()
-    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
-    order = np.argsort(lengths, kind="stable")
-    out = np.zeros((len(texts), model.head.in_features), np.float32)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(texts), EMBED_BATCH), desc="embedding general tweets", unit="batch", leave=False,
-                          disable=None):
-            index = order[start:start + EMBED_BATCH]
-            encoded = tokenizer.encode_batch([texts[i] for i in index])
-            feeds = [torch.tensor([getattr(e, field) for e in encoded], dtype=torch.long)
-                     for field in ("ids", "attention_mask", "type_ids")]
-            out[index] = model.embed(*feeds).numpy()
-    return out
-
-
-def _train_head(head: Any, embeddings: np.ndarray, labels: np.ndarray, train: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-    """Logistic regression on cached embeddings: full-batch Adam with a small L2 on the weight."""
-    import torch
-    from tqdm.auto import tqdm
-
-    x, y = torch.from_numpy(embeddings), torch.from_numpy(labels)
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(head.parameters(), lr=HEAD_LEARNING_RATE)
-    for _ in tqdm(range(HEAD_STEPS), desc="training the head", unit="step", leave=False, disable=None):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x[train]), y[train]) + HEAD_L2 * head.weight.pow(2).sum()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        predicted = head(x).argmax(-1)
-    return float((predicted[train] == y[train]).float().mean()), float((predicted[valid] == y[valid]).float().mean())
 
 
 # ----------------------------------------------------------------------------- device
@@ -522,19 +431,6 @@ def _title(text: str) -> None:
 
 def _section(text: str) -> None:
     print(f"\n## {text}\n", flush=True)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # Loading the encoder without its pooler is intended; transformers warns about it anyway.
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 __all__ = ["run_demo", "USERS", "SENTENCES", "FULL", "QUICK", "DemoConfig", "DemoUser"]
