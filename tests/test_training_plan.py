@@ -1,0 +1,337 @@
+"""What ``personalize`` decides from the data (``bitfit.sdk.training_plan``, ``split_holdout``)
+and how it behaves on it: holdout size and stratification, the step budget, the schedule,
+do-no-harm (nothing saved when the holdout says training hurt), the retry at a lower rate,
+and the warnings about data that cannot teach."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bitfit.sdk.personalizer as personalizer_module
+from bitfit.sdk import Personalizer
+from bitfit.sdk.cli import main
+from bitfit.sdk.data import split_holdout
+from bitfit.sdk.training_plan import (
+    BATCH_SIZE, EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
+)
+
+from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
+from sdk_fixtures import all_files_sha256, numeric_data, write_jsonl
+from task_fixtures import *  # noqa: F401,F403
+from task_fixtures import bag_texts
+
+QUIET = {"progress_bar": False}
+HARMFUL_RATE = 1e3
+"""A learning rate at which every AdamW step moves each bias by hundreds: training only hurts."""
+
+
+# -- holdout size ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("examples", [1, 2, 5, 12, MIN_HOLDOUT_DATA - 1])
+def test_no_holdout_below_twenty_examples(examples):
+    plan = plan_training(examples, learning_rate=1e-2)
+    assert plan.holdout == 0 and plan.train_examples == examples
+    assert "fewer than 20" in plan.reasons["holdout"]
+    assert plan.evaluate_every == plan.steps  # nothing to score in between
+
+
+@pytest.mark.parametrize("examples, held", [
+    (20, MIN_HOLDOUT), (79, MIN_HOLDOUT), (100, 10), (150, 15), (250, 25), (400, MAX_HOLDOUT), (10_000, MAX_HOLDOUT),
+])
+def test_holdout_is_a_tenth_within_its_bounds(examples, held):
+    plan = plan_training(examples, learning_rate=1e-2)
+    assert plan.holdout == held and plan.train_examples == examples - held
+    assert "within [8, 40]" in plan.reasons["holdout"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 20_000))
+def test_holdout_bounds_hold_for_any_size(examples):
+    plan = plan_training(examples, learning_rate=1e-2)
+    if examples < MIN_HOLDOUT_DATA:
+        assert plan.holdout == 0
+    else:
+        assert MIN_HOLDOUT <= plan.holdout <= MAX_HOLDOUT and plan.holdout < examples / 2
+    assert 1 <= plan.batch_size <= max(1, plan.train_examples)
+    assert 1 <= plan.evaluate_every <= plan.steps
+
+
+@pytest.mark.parametrize("examples, fraction, held", [(100, 0.25, 25), (10, 0.2, 2), (5, 0.01, 1), (3, 0.5, 1), (1, 0.5, 0),
+                                                      (30, 0.0, 0)])
+def test_a_given_holdout_fraction_is_used_as_given(examples, fraction, held):
+    plan = plan_training(examples, learning_rate=1e-2, holdout=fraction)
+    assert plan.holdout == held and plan.reasons["holdout"] == f"holdout={fraction:g} given"
+
+
+# -- stratified split --------------------------------------------------------------------------
+
+
+def test_split_holdout_keeps_class_proportions():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    train, held = split_holdout(len(labels), 20, np.random.default_rng(0), labels=labels)
+    assert np.bincount(labels[held], minlength=3).tolist() == [12, 6, 2]
+    assert np.bincount(labels[train], minlength=3).tolist() == [48, 24, 8]
+
+
+def test_a_rare_class_with_enough_examples_is_always_held_out():
+    labels = np.array([0] * 190 + [1] * 10)  # 10 of 200: a holdout of 20 has room for one
+    for seed in range(20):
+        train, held = split_holdout(len(labels), 20, np.random.default_rng(seed), labels=labels)
+        assert labels[held].tolist().count(1) == 1 and labels[train].tolist().count(1) == 9
+
+
+@st.composite
+def labelled_splits(draw):
+    counts = draw(st.lists(st.integers(1, 40), min_size=1, max_size=6))
+    labels = np.repeat(np.arange(len(counts)), counts)
+    labels = labels[np.random.default_rng(draw(st.integers(0, 2**16))).permutation(len(labels))]
+    size = draw(st.integers(0, len(labels) - 1)) if len(labels) > 1 else 0
+    return labels, size, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=300, deadline=None)
+@given(labelled_splits(), st.booleans())
+def test_split_holdout_is_a_partition(case, stratified):
+    labels, size, seed = case
+    train, held = split_holdout(len(labels), size, np.random.default_rng(seed), labels=labels if stratified else None)
+    assert len(held) == size and len(train) == len(labels) - size
+    assert not set(train.tolist()) & set(held.tolist())
+    assert sorted([*train.tolist(), *held.tolist()]) == list(range(len(labels)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(labelled_splits())
+def test_stratified_holdout_gives_each_class_its_share(case):
+    labels, size, seed = case
+    train, held = split_holdout(len(labels), size, np.random.default_rng(seed), labels=labels)
+    for c, count in enumerate(np.bincount(labels)):
+        share = size * count / len(labels)
+        got = int((labels[held] == c).sum())
+        assert abs(got - share) < 1 + 1e-9, (c, count, got, share)
+        if share >= 1:
+            assert got >= 1  # a class with a whole share is never left out of the holdout
+        if size <= len(labels) // 2 and count >= 2:
+            assert got < count  # ... nor out of training
+
+
+def test_personalize_stratifies_a_classifiers_holdout(numeric_bundle, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(count, size, rng, *, labels=None):
+        seen.append(labels)
+        return split_holdout(count, size, rng, labels=labels)
+
+    monkeypatch.setattr(personalizer_module, "split_holdout", spy)
+    features, labels = numeric_data(60, seed=1)
+    Personalizer(numeric_bundle, store=tmp_path / "s").personalize((features, labels), user="ana", **QUIET)
+    np.testing.assert_array_equal(seen[0], labels)
+
+
+# -- length and schedule -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("examples", [1, 8, 19, 40, 60])
+def test_tiny_data_gets_the_minimum_steps(examples):
+    plan = plan_training(examples, learning_rate=1e-2)
+    assert plan.steps == MIN_STEPS
+    assert "within [30, 400]" in plan.reasons["steps"]
+
+
+@pytest.mark.parametrize("examples", [1400, 2000, 100_000])
+def test_large_data_gets_the_maximum_steps(examples):
+    assert plan_training(examples, learning_rate=1e-2).steps == MAX_STEPS
+
+
+def test_between_the_bounds_the_budget_is_five_epochs():
+    plan = plan_training(300, learning_rate=1e-2)  # 270 to train: 17 batches of 16
+    assert plan.batch_size == BATCH_SIZE and plan.steps_per_epoch == 17
+    assert plan.steps == EPOCHS * 17 == 85
+
+
+def test_epochs_override_the_budget_and_max_steps_caps_it():
+    plan = plan_training(100, learning_rate=1e-2, epochs=2)  # 90 to train: 6 batches
+    assert plan.steps == 12 < MIN_STEPS and plan.reasons["steps"] == "epochs=2 given: 2 x 6 steps"
+    assert plan_training(100, learning_rate=1e-2, epochs=100).steps == 600 > MAX_STEPS
+    capped = plan_training(2000, learning_rate=1e-2, max_steps=50)
+    assert capped.steps == 50 and capped.reasons["steps"].endswith("capped by max_steps=50")
+    assert plan_training(100, learning_rate=1e-2, epochs=2, max_steps=5).steps == 5
+    assert plan_training(100, learning_rate=1e-2, max_steps=1000).steps == MIN_STEPS  # a cap, not a target
+
+
+def test_batch_size_is_sixteen_or_the_whole_training_set():
+    assert plan_training(12, learning_rate=1e-2).batch_size == 12
+    assert plan_training(100, learning_rate=1e-2, batch_size=4).batch_size == 4
+    assert plan_training(100, learning_rate=1e-2, batch_size=4).reasons["batch_size"] == "given"
+
+
+def test_warmup_rises_to_the_peak_then_decays_to_zero():
+    plan = plan_training(150, learning_rate=2e-3)
+    rates = [plan.learning_rate_at(step) for step in range(plan.steps + 1)]
+    warmup = plan.warmup_steps
+    assert warmup == int(0.1 * plan.steps) > 0
+    assert all(a < b for a, b in zip(rates[:warmup + 1], rates[1:warmup + 1]))  # rises
+    assert rates[warmup] == pytest.approx(2e-3) == max(rates)  # the peak is the learning rate
+    assert all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1:]))  # decays
+    assert rates[plan.steps] == 0.0 and rates[plan.steps - 1] > 0  # the last step still learns
+    assert min(rates) >= 0
+
+
+def test_constant_schedule_is_constant():
+    plan = plan_training(150, learning_rate=2e-3, schedule="constant")
+    assert plan.warmup_steps == 0
+    assert {plan.learning_rate_at(step) for step in range(plan.steps + 1)} == {2e-3}
+    assert plan.reasons["learning_rate"].endswith("constant")
+
+
+def test_reasons_say_where_every_choice_came_from():
+    plan = plan_training(150, learning_rate=2e-3, learning_rate_from="bundle")
+    assert set(plan.reasons) == {"holdout", "batch_size", "steps", "learning_rate"}
+    assert plan.reasons["learning_rate"] == "0.002 from the bundle, peak of a warmup-linear schedule"
+    assert plan.reasons["steps"] == "5 epochs of 9 steps, within [30, 400]"
+    assert plan.as_dict()["reasons"] == plan.reasons
+
+
+def test_holdout_is_scored_about_six_times():
+    plan = plan_training(400, learning_rate=1e-2)  # 360 to train: 23 steps an epoch, 115 steps
+    assert plan.evaluate_every == 20
+    assert plan_training(60, learning_rate=1e-2).evaluate_every == 4  # at most once an epoch's 4 steps
+
+
+def test_personalize_records_its_plan(numeric_bundle, tmp_path):
+    p = Personalizer(numeric_bundle, store=tmp_path / "s")
+    features, labels = numeric_data(60, seed=1)
+    result = p.personalize((features, labels), user="ana", **QUIET)
+    expected = plan_training(60, learning_rate=p.bundle.manifest.training_defaults["learning_rate"],
+                             learning_rate_from="bundle").as_dict()
+    assert result.plan == expected
+    assert (result.holdout_examples, result.examples_used, result.steps) == (8, 52, MIN_STEPS)
+    assert p.store.load("ana").info["plan"] == expected
+
+
+# -- do no harm, and the retry -----------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(numeric_bundle, tmp_path):
+    """A Personalizer whose user 'ana' has version 1, and ana's data."""
+    p = Personalizer(numeric_bundle, store=tmp_path / "store")
+    data = numeric_data(80, seed=0)
+    first = p.personalize(data, user="ana", **QUIET)
+    assert first.saved and first.version == 1 and not first.retried
+    return p, data
+
+
+def test_training_that_only_hurts_saves_nothing_and_retries_once(trained, tmp_path, monkeypatch, caplog):
+    p, data = trained
+    store_files = all_files_sha256(tmp_path / "store")
+    served = p.predict(data[0][:5], user="ana").logits
+    monkeypatch.setitem(p.bundle.manifest.training_defaults, "learning_rate", HARMFUL_RATE)
+    with caplog.at_level(logging.WARNING, logger="bitfit.sdk"):
+        result = p.personalize(data, user="ana", **QUIET)
+    assert not result.saved and result.version == 1 and result.delta_bytes == 0
+    assert result.kept_step == 0  # no checkpoint beat the start
+    assert result.retried and result.learning_rate == HARMFUL_RATE * 0.25
+    assert "x0.25 after a first run" in result.plan["reasons"]["learning_rate"]
+    assert result.metrics_after == result.metrics_before  # what the user keeps is where they started
+    assert all_files_sha256(tmp_path / "store") == store_files
+    assert p.store.current_version("ana") == 1
+    np.testing.assert_array_equal(p.predict(data[0][:5], user="ana").logits, served)
+    assert any("nothing was saved" in r.getMessage() for r in caplog.records)
+
+
+def test_no_retry_when_the_caller_gave_the_learning_rate(trained, tmp_path):
+    p, data = trained
+    store_files = all_files_sha256(tmp_path / "store")
+    result = p.personalize(data, user="ana", learning_rate=HARMFUL_RATE, **QUIET)
+    assert not result.saved and not result.retried and result.version == 1
+    assert result.learning_rate == HARMFUL_RATE and "x0.25" not in result.plan["reasons"]["learning_rate"]
+    assert all_files_sha256(tmp_path / "store") == store_files
+
+
+def test_a_first_user_whose_training_hurts_stays_on_the_base(numeric_bundle, tmp_path, monkeypatch):
+    p = Personalizer(numeric_bundle, store=tmp_path / "store")
+    monkeypatch.setitem(p.bundle.manifest.training_defaults, "learning_rate", HARMFUL_RATE)
+    result = p.personalize(numeric_data(40, seed=2), user="bo", **QUIET)
+    assert not result.saved and result.version == 0 and result.started_from == "base"
+    assert p.store.current_version("bo") is None
+
+
+def test_without_a_holdout_there_is_no_guard(numeric_bundle, tmp_path, monkeypatch):
+    """Under 20 examples nothing checks harm: the run is saved as trained, without a retry."""
+    p = Personalizer(numeric_bundle, store=tmp_path / "store")
+    monkeypatch.setitem(p.bundle.manifest.training_defaults, "learning_rate", HARMFUL_RATE)
+    features, labels = numeric_data(12, seed=2)
+    result = p.personalize((features, labels), user="bo", **QUIET)
+    assert result.saved and result.version == 1 and not result.retried
+    assert result.holdout_examples == 0 and result.metrics_before == result.metrics_after == {}
+    assert result.kept_step == result.steps == MIN_STEPS
+
+
+def test_the_command_says_when_nothing_was_saved(bag_bundle, tmp_path, capsys):
+    bundle, store = bag_bundle("classification"), tmp_path / "store"
+    data = write_jsonl(tmp_path / "ana.jsonl",
+                       [{"text": t, "label": ["neg", "pos"][i % 2]} for i, t in enumerate(bag_texts(60, seed=1))])
+    code = main(["personalize", str(bundle), "--user", "ana", "--data", str(data), "--store", str(store),
+                 "--learning-rate", str(HARMFUL_RATE)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "nothing saved (no checkpoint beat the start on the holdout); current version none (base)" in out
+
+
+# -- warnings about the data -------------------------------------------------------------------
+
+
+def test_single_class_data_warns_naming_the_label(bag_bundle, tmp_path, caplog, capsys):
+    bundle = bag_bundle("classification")
+    texts = bag_texts(30, seed=2)
+    p = Personalizer(bundle, store=tmp_path / "store")
+    with caplog.at_level(logging.WARNING, logger="bitfit.sdk"):
+        result = p.personalize([(t, "pos") for t in texts], user="ana", **QUIET)
+    expected = "every example is labelled 'pos': the model can only learn to answer 'pos' to everything"
+    assert any(w.startswith(expected) for w in result.warnings)
+    assert any(expected in r.getMessage() and "'ana'" in r.getMessage() for r in caplog.records)
+    assert result.saved and any(w.startswith(expected) for w in p.store.load("ana").info["warnings"])
+
+    data = write_jsonl(tmp_path / "bo.jsonl", [{"text": t, "label": "pos"} for t in texts])
+    code = main(["personalize", str(bundle), "--user", "bo", "--data", str(data), "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 0 and f"bitfit: warning: {expected}" in err
+
+
+def test_a_small_holdout_warns_that_its_scores_are_rough(numeric_bundle, tmp_path):
+    p = Personalizer(numeric_bundle, store=tmp_path / "store")
+    result = p.personalize(numeric_data(100, seed=3), user="ana", **QUIET)
+    assert result.holdout_examples == 10
+    assert "the holdout has 10 examples: its before/after scores move in steps of 10 points, so read them as rough" \
+        in result.warnings
+    large = p.personalize(numeric_data(200, seed=3), user="bo", **QUIET)
+    assert large.holdout_examples == 20 and not any("holdout" in w for w in large.warnings)
+
+
+def test_under_twenty_examples_warns_there_is_no_holdout(numeric_bundle, tmp_path):
+    result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize(numeric_data(15, seed=3), user="ana", **QUIET)
+    assert [w for w in result.warnings if w.startswith("no holdout")] == [
+        "no holdout (15 examples): nothing checks that the new delta is better than where the user started, and "
+        "training runs its full length; give 20 or more examples"]
+
+
+def test_a_rare_class_warns_naming_it(numeric_bundle, tmp_path):
+    features, labels = numeric_data(200, seed=4)
+    rare = np.flatnonzero(labels == 2)
+    keep = np.setdiff1d(np.arange(len(labels)), rare[2:])  # two examples of class 'c' left
+    result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize((features[keep], labels[keep]),
+                                                                               user="ana", **QUIET)
+    assert "class 'c' has only 2 example(s) (fewer than 3): it can barely be learned; give more examples of it" \
+        in result.warnings
+    assert not any("'a'" in w or "'b'" in w for w in result.warnings)
+
+
+def test_balanced_data_with_a_large_holdout_has_no_warnings(numeric_bundle, tmp_path):
+    result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize(numeric_data(300, seed=5), user="ana", **QUIET)
+    assert result.warnings == []
