@@ -133,6 +133,14 @@ def _key(args: argparse.Namespace) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``bitfit`` command with ``argv`` (default: the process arguments); the exit status
+    (0 done, 2 a BitfitError, printed as ``bitfit: error: <type>: <what to do>``).
+
+    Example:
+        >>> main(["info", "/no/such/bundle"])                                # doctest: +SKIP
+        bitfit: error: BundleInvalidError: /no/such/bundle has no manifest.json ...
+        2
+    """
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

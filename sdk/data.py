@@ -40,7 +40,13 @@ LENGTH_WINDOW = 8
 
 @dataclass
 class Examples:
-    """Validated examples: either token id lists (text) or feature arrays, plus labels."""
+    """Validated examples: either token id lists (text) or feature arrays, plus labels.
+
+    Example:
+        >>> ex = Examples(labels=np.array([0, 1, 1]), token_ids=[[101, 7, 102], [101, 8, 102], [101, 9, 102]])
+        >>> len(ex), ex.subset([2, 0]).labels.tolist()
+        (3, [1, 0])
+    """
 
     labels: np.ndarray
     token_ids: list[list[int]] | None = None
@@ -54,6 +60,12 @@ class Examples:
         return int(self.labels.shape[0])
 
     def subset(self, index: Sequence[int] | np.ndarray) -> "Examples":
+        """The examples at ``index``, in that order.
+
+        Example:
+            >>> Examples(labels=np.array([5, 6, 7]), features={"x": np.arange(3.0)}).subset([1]).features["x"].tolist()
+            [1.0]
+        """
         index = [int(i) for i in index]
         return Examples(
             labels=self.labels[index],
@@ -88,7 +100,13 @@ class Examples:
 
 
 class TextEncoder:
-    """The bundle's tokenizer with truncation to the bundle's max length."""
+    """The bundle's tokenizer with truncation to the bundle's max length.
+
+    Example:
+        >>> enc = TextEncoder(Bundle.open("bundles/minilm-sentiment"))              # doctest: +SKIP
+        >>> enc.feeds_for_texts(["great flight!"])["input_ids"].tolist()           # doctest: +SKIP
+        [[101, 2307, 3462, 999, 102]]
+    """
 
     def __init__(self, bundle: Bundle):
         from tokenizers import Tokenizer
@@ -111,11 +129,22 @@ class TextEncoder:
         self.tokenizer.enable_truncation(spec.max_length)
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and token type ids per text, truncated, not padded.
+
+        Example:
+            >>> enc.encode(["great flight!"])                                          # doctest: +SKIP
+            ([[101, 2307, 3462, 999, 102]], [[0, 0, 0, 0, 0]])
+        """
         encodings = self.tokenizer.encode_batch(texts)
         return [e.ids for e in encodings], [e.type_ids for e in encodings]
 
     def pad(self, ids: list[list[int]], type_ids: list[list[int]] | None = None) -> dict[str, np.ndarray]:
-        """Pad a batch to its longest sequence and build the model's text inputs."""
+        """Pad a batch to its longest sequence and build the model's text inputs.
+
+        Example:
+            >>> enc.pad([[101, 102], [101, 7, 102]])["attention_mask"].tolist()         # doctest: +SKIP
+            [[1, 1, 0], [1, 1, 1]]
+        """
         length = max(1, max(len(x) for x in ids))
         input_ids = np.full((len(ids), length), self.pad_id, np.int64)
         mask = np.zeros((len(ids), length), np.int64)
@@ -133,12 +162,27 @@ class TextEncoder:
         return feeds
 
     def feeds_for_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """The model's padded text inputs for ``texts`` (``encode`` then ``pad``).
+
+        Example:
+            >>> sorted(enc.feeds_for_texts(["hi", "hello there"]))                     # doctest: +SKIP
+            ['attention_mask', 'input_ids', 'token_type_ids']
+        """
         ids, types = self.encode(texts)
         return self.pad(ids, types)
 
 
 def check_text(value: Any, where: str) -> str:
-    """A usable text, or an InvalidUserDataError naming the example."""
+    """A usable text, or an InvalidUserDataError naming the example.
+
+    Example:
+        >>> check_text("café".encode("utf-8"), "example 0")
+        'café'
+        >>> check_text("  ", "example 3")
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidUserDataError: example 3: text is empty; drop the example or give it text
+    """
     if isinstance(value, (bytes, bytearray)):
         try:
             value = bytes(value).decode("utf-8")
@@ -156,7 +200,12 @@ def check_text(value: Any, where: str) -> str:
 
 
 def normalize_records(user_data: Any) -> list[tuple[Any, Any]]:
-    """``(text, label)`` pairs from a list of pairs/dicts or a .jsonl/.csv path."""
+    """``(text, label)`` pairs from a list of pairs/dicts or a .jsonl/.csv path.
+
+    Example:
+        >>> normalize_records({"text": ["a", "b"], "label": [0, 1]})
+        [('a', 0), ('b', 1)]
+    """
     if isinstance(user_data, (str, os.PathLike)):
         return _read_file(Path(user_data))
     if _is_text_columns(user_data):
@@ -236,7 +285,16 @@ def _csv_label(value: str | None) -> Any:
 
 
 def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
-    """Labels as the loss wants them: class indices, floats, or multi-hot vectors."""
+    """Labels as the loss wants them: class indices, floats, or multi-hot vectors.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> m = SimpleNamespace(labels=["neg", "pos"], outputs=[SimpleNamespace(shape=["batch", 2])], loss="cross-entropy")
+        >>> encode_labels(["pos", "neg"], m).tolist()
+        [1, 0]
+        >>> encode_labels([["pos"], []], SimpleNamespace(**{**vars(m), "loss": "bce-with-logits"})).tolist()
+        [[0.0, 1.0], [0.0, 0.0]]
+    """
     names = manifest.labels
     width = manifest.outputs[0].shape[-1] if manifest.outputs[0].shape else 1
     if manifest.loss == "cross-entropy":
@@ -289,7 +347,14 @@ def encode_labels(raw: Sequence[Any], manifest: Manifest) -> np.ndarray:
 def load_examples(
     user_data: Any, bundle: Bundle, encoder: TextEncoder | None, *, max_examples: int = DEFAULT_MAX_EXAMPLES
 ) -> Examples:
-    """Validate and encode all of ``user_data`` up front: an invalid call trains nothing."""
+    """Validate and encode all of ``user_data`` up front: an invalid call trains nothing.
+
+    Example:
+        >>> bundle = Bundle.open("bundles/minilm-sentiment")                                   # doctest: +SKIP
+        >>> ex = load_examples([("great", "positive"), ("great", "positive")], bundle, TextEncoder(bundle))  # doctest: +SKIP
+        >>> len(ex), ex.duplicates_removed                                                     # doctest: +SKIP
+        (1, 1)
+    """
     manifest = bundle.manifest
     if encoder is None or _looks_like_arrays(user_data):
         return _array_examples(user_data, manifest, max_examples, vocab_size=encoder.vocab_size if encoder else None)
@@ -465,6 +530,16 @@ def check_feature_arrays(
     features: Mapping[str, Any], manifest: Manifest, *, vocab_size: int | None = None
 ) -> dict[str, np.ndarray]:
     """Numeric inputs checked against the manifest: names, dtypes, fixed dims, finite values.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> m = SimpleNamespace(inputs=[SimpleNamespace(name="x", dtype="float32", shape=["batch", 2])], text=None)
+        >>> check_feature_arrays({"x": [[1, 2], [3, 4]]}, m)["x"].dtype
+        dtype('float32')
+        >>> check_feature_arrays({"x": [[1, 2, 3]]}, m)
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidUserDataError: input 'x' has size 3 on axis 1, the model takes 2 (shape ['batch', 2])
 
     ``vocab_size`` (text bundles given token arrays): token ids must lie in ``0..vocab_size-1``
     and the other integer inputs must not be negative.

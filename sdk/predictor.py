@@ -55,7 +55,14 @@ class Prediction:
     """Model outputs for a batch: logits, probabilities and (for classifiers) label names.
 
     ``fallbacks`` lists the users whose delta could not be used (corrupt, for another
-    base) and who were served the base model instead.
+    base) and who were served the base model instead. ``labels`` holds label names (or
+    indices) for classifiers, lists of names for multi-label bundles and numbers for
+    regression.
+
+    Example:
+        >>> out = Predictor("bundles/minilm-sentiment").predict(["great flight!"])     # doctest: +SKIP
+        >>> out.labels, out.probabilities.shape, out.fallbacks                          # doctest: +SKIP
+        (['positive'], (1, 3), {})
     """
 
     logits: np.ndarray
@@ -183,6 +190,12 @@ class Predictor:
 
         A user served the base model because their delta is unusable is added to
         ``fallbacks`` (on every call, not only the one that loaded it).
+
+        Example:
+            >>> predictor.user_tensors(None)                                   # doctest: +SKIP
+            {}
+            >>> sorted(predictor.user_tensors("alice"))[:2]                    # doctest: +SKIP
+            ['/encoder/layer.0/attention/output/dense/Add_bias', '/encoder/layer.0/attention/self/key/Add_bias']
         """
         if user is None:
             return {}
@@ -220,12 +233,20 @@ class Predictor:
         return self.tensors_for_delta(delta), None
 
     def tensors_for_delta(self, delta: Delta) -> dict[str, np.ndarray]:
-        """base + delta for each trainable tensor, in the inference model's shapes."""
+        """base + delta for each trainable tensor, in the inference model's shapes.
+
+        Example:
+            >>> feeds = predictor.tensors_for_delta(store.load("alice"))        # doctest: +SKIP
+        """
         return {t.name: (self.base[t.name] + delta.tensors[t.name].reshape(t.inference_shape)).astype(np.float32)
                 for t in self.manifest.trainable}
 
     def invalidate(self, user: str | None = None) -> None:
-        """Forget cached deltas (one user, or all)."""
+        """Forget cached deltas (one user, or all).
+
+        Example:
+            >>> predictor.invalidate("alice")                                  # doctest: +SKIP
+        """
         with self._lock:
             if user is None:
                 self._cache.clear()
@@ -234,7 +255,14 @@ class Predictor:
 
     # -- inputs ---------------------------------------------------------------------
     def encode(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
-        """Model feeds and row count from texts (text bundles) or a dict of arrays."""
+        """Model feeds and row count from texts (text bundles), a dict of arrays, or one array
+        (a one-input numeric bundle).
+
+        Example:
+            >>> feeds, rows = predictor.encode(np.zeros((2, 4), np.float32))   # doctest: +SKIP
+            >>> list(feeds), rows                                              # doctest: +SKIP
+            (['x'], 2)
+        """
         if self.encoder is not None and not isinstance(inputs, Mapping):
             if isinstance(inputs, (str, bytes)):
                 inputs = [inputs]
@@ -256,7 +284,13 @@ class Predictor:
     # -- running --------------------------------------------------------------------
     def logits(self, feeds: Mapping[str, np.ndarray], users: Sequence[str | None],
                fallbacks: dict[str, str] | None = None) -> np.ndarray:
-        """Raw first output for already-encoded feeds; ``users`` has one entry per row."""
+        """Raw first output for already-encoded feeds; ``users`` has one entry per row.
+
+        Example:
+            >>> feeds, rows = predictor.encode(["great", "awful"])             # doctest: +SKIP
+            >>> predictor.logits(feeds, ["alice", "bob"]).shape                # doctest: +SKIP
+            (2, 3)
+        """
         distinct = list(dict.fromkeys(users))
         name = self.manifest.logits_output
         if len(distinct) == 1:

@@ -166,9 +166,10 @@ def test_patience_learning_rate_and_providers_options(text_bundle, data_file, tm
     store = tmp_path / "store"
     code, out, _ = run(capsys, "personalize", text_bundle, "--user", "a", "--data", data_file, "--store", store,
                        "--epochs", "6", "--patience", "off", "--providers", "cpu")
-    assert code == 0 and "stopped by epochs" in out and "learning rate 0.01" in out  # the bundle's rate
+    assert code == 0 and "stopped by steps" in out and "learning rate 0.01" in out  # the bundle's rate
     info = DeltaStore(store).load("a").info
     assert info["epochs_run"] == 6 and info["learning_rate_from"] == "bundle"
+    assert info["plan"]["reasons"]["steps"].startswith("epochs=6 given")
     code, out, _ = run(capsys, "personalize", text_bundle, "--user", "b", "--data", data_file, "--store", store,
                        "--epochs", "6", "--patience", "1", "--learning-rate", "0.5")
     assert code == 0 and "learning rate 0.5" in out

@@ -32,7 +32,7 @@ def test_minilm_personalizes_on_real_tweets_within_the_delta_budget(minilm_bundl
     r = p.personalize(tweets, user="alice", max_steps=6, batch_size=16, learning_rate=5e-3, holdout=0.0,
                       progress=seen.append, progress_bar=False)
 
-    assert r.steps == 6 == len(seen) and r.stopped_by == "max_steps" and r.encoding == "fp16"
+    assert r.steps == 6 == len(seen) and r.stopped_by == "steps" and r.encoding == "fp16"
     assert r.examples_used == 60 - r.duplicates_removed and r.holdout_examples == 0
     assert all(np.isfinite(s.loss) for s in seen)
     manifest = minilm_bundle.manifest
