@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import onnx
 
@@ -25,7 +26,7 @@ from .repairs import cap_ir_version
 
 log = logging.getLogger("bitfit.export")
 
-LOSS_FOR_TASK: dict[str, LossName] = {
+LOSS_FOR_TASK: dict[Task, LossName] = {
     "classification": "cross-entropy",
     "regression": "mse",
     "multilabel": "bce-with-logits",
@@ -43,18 +44,19 @@ ARTIFACT_FILES = {
 def _loss_block(loss: LossName, ignore_index: int | None):
     from onnxruntime.training import onnxblock
 
+    if loss not in get_args(LossName):
+        raise ExportError(f"unknown loss {loss!r}: use one of {', '.join(get_args(LossName))}")
+
     class LossOnLabels(onnxblock.Block):
         """Every loss reads its targets from one graph input named ``labels``."""
 
         def __init__(self) -> None:
             super().__init__()
-            if loss == "cross-entropy":
-                self._inner = onnxblock.loss.CrossEntropyLoss(ignore_index=ignore_index)
-            elif loss == "mse":
+            if loss == "mse":
                 self._inner = onnxblock.loss.MSELoss()
             elif loss == "bce-with-logits":
                 self._inner = onnxblock.loss.BCEWithLogitsLoss()
-            else:
+            else:  # cross-entropy (token-cross-entropy is built in build())
                 self._inner = onnxblock.loss.CrossEntropyLoss(ignore_index=ignore_index)
 
         def build(self, output_name: str) -> str:
@@ -127,7 +129,25 @@ def generate_training_artifacts(
 ) -> dict[str, str]:
     """Write the four training artifacts into ``out_dir`` (or ``out_dir/mobile`` as .ort).
 
-    Returns {manifest file key: path relative to out_dir}.
+    Needs onnxruntime-training 1.19.2 (its gradient builder). Returns {manifest file key:
+    path relative to out_dir}; the checkpoint holds shapes only (the bundle keeps the weights
+    once, in ``weights.safetensors``).
+
+    Raises:
+        UnsupportedModelError: the gradient builder cannot differentiate the graph.
+        ExportError: an unknown loss or optimizer.
+
+    Example:
+        >>> import numpy as np, tempfile, pathlib
+        >>> from onnx import helper, numpy_helper
+        >>> w = numpy_helper.from_array(np.eye(3, dtype=np.float32), "w")
+        >>> b = numpy_helper.from_array(np.zeros(3, np.float32), "b")
+        >>> g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["logits"])], "g",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", 3])], [helper.make_tensor_value_info("logits", 1, ["batch", 3])],
+        ...     [w, b])
+        >>> model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        >>> generate_training_artifacts(model, ["b"], ["w"], pathlib.Path(tempfile.mkdtemp()), loss="cross-entropy")
+        {'training_model': 'training_model.onnx', 'eval_model': 'eval_model.onnx', 'optimizer_model': 'optimizer_model.onnx', 'checkpoint': 'checkpoint'}
     """
     from onnxruntime.training import artifacts as ort_artifacts
 
@@ -137,7 +157,7 @@ def generate_training_artifacts(
     out_dir.mkdir(parents=True, exist_ok=True)  # generate_artifacts needs it to exist (pitfall 6)
     optim = {"adamw": ort_artifacts.OptimType.AdamW, "sgd": ort_artifacts.OptimType.SGD}.get(optimizer)
     if optim is None:
-        raise ExportError(f"unknown optimizer {optimizer!r}: use 'adamw' or 'sgd'")
+        raise ExportError(f"unknown optimizer {optimizer!r}: use one of {', '.join(get_args(OptimizerName))}")
     logits_output = logits_output or model.graph.output[0].name
     target = out_dir / "mobile" if ort_format else out_dir
     target.mkdir(parents=True, exist_ok=True)
@@ -191,4 +211,19 @@ def generate_training_artifacts(
 
 
 def loss_for(task: Task) -> LossName:
+    """The loss a bundle for ``task`` trains with when the caller names none.
+
+    Raises:
+        ExportError: ``task`` is not one of the manifest's tasks.
+
+    Example:
+        >>> loss_for("multilabel")
+        'bce-with-logits'
+        >>> loss_for("ranking")
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.ExportError: unknown task 'ranking': use one of classification, regression, multilabel, token-classification, causal-lm
+    """
+    if task not in LOSS_FOR_TASK:
+        raise ExportError(f"unknown task {task!r}: use one of {', '.join(get_args(Task))}")
     return LOSS_FOR_TASK[task]

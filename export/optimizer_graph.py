@@ -51,7 +51,9 @@ def optimizer_io_names(name: str, optimizer: OptimizerName) -> tuple[list[str], 
     if optimizer == "adamw":
         inputs = [name, name + GRAD, name + EXP_AVG, name + EXP_AVG_SQ]
         return inputs, [name + OUT, name + EXP_AVG + OUT, name + EXP_AVG_SQ + OUT]
-    return [name, name + GRAD], [name + OUT]
+    if optimizer == "sgd":
+        return [name, name + GRAD], [name + OUT]
+    raise ExportError(f"unknown optimizer {optimizer!r}: use one of {', '.join(get_args(OptimizerName))}")
 
 
 def build_optimizer_model(

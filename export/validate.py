@@ -22,11 +22,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 import numpy as np
 import onnx
 
-from bitfit.sdk.bundle import Bundle
+from bitfit.sdk.bundle import Bundle, LossName
 from bitfit.sdk.errors import ValidationFailedError
 
 OUTPUT_TOLERANCE = 1e-4
@@ -46,7 +47,18 @@ def _bias_feeds(bundle: Bundle, values: dict[str, np.ndarray]) -> dict[str, np.n
 
 
 def example_labels(bundle: Bundle, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Labels of the right type and shape for one training step on these logits."""
+    """Labels of the right type and shape for one training step on these logits.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> logits, rng = np.zeros((2, 3), np.float32), np.random.default_rng(0)
+        >>> for loss in ("cross-entropy", "bce-with-logits", "mse"):
+        ...     labels = example_labels(SimpleNamespace(manifest=SimpleNamespace(loss=loss)), logits, rng)
+        ...     print(loss, labels.dtype, labels.shape)
+        cross-entropy int64 (2,)
+        bce-with-logits float32 (2, 3)
+        mse float32 (2, 3)
+    """
     loss = bundle.manifest.loss
     if loss == "cross-entropy":
         return rng.integers(0, logits.shape[-1], size=logits.shape[0]).astype(np.int64)
@@ -54,7 +66,13 @@ def example_labels(bundle: Bundle, logits: np.ndarray, rng: np.random.Generator)
         return rng.integers(0, logits.shape[-1], size=logits.shape[:2]).astype(np.int64)
     if loss == "bce-with-logits":
         return rng.integers(0, 2, size=logits.shape).astype(np.float32)
-    return rng.standard_normal(logits.shape).astype(np.float32)
+    if loss == "mse":
+        return rng.standard_normal(logits.shape).astype(np.float32)
+    raise ValidationFailedError(_unknown_loss(loss))
+
+
+def _unknown_loss(loss: str) -> str:
+    return f"the manifest names loss {loss!r}, which validation does not know: one of {', '.join(get_args(LossName))}"
 
 
 def validate_bundle(
@@ -63,7 +81,20 @@ def validate_bundle(
     reference: Callable[[dict[str, np.ndarray]], np.ndarray],
     torch_logits: Callable | None = None,
 ) -> dict[str, object]:
-    """Run every check; raise ValidationFailedError on the first failure, else return the numbers."""
+    """Run every check; raise ValidationFailedError on the first failure, else return the numbers.
+
+    ``reference`` is the source model's forward (numpy in, numpy out); ``torch_logits`` its
+    torch forward with parameters overridden (``SourceGraph.torch_logits``), from which the
+    portable gradients are checked against autograd (None: ORT's gradient builder, else
+    finite differences).
+
+    Example:
+        >>> src = from_torch(model, {"x": x})                                       # doctest: +SKIP
+        >>> bundle = export_bundle(src, "bundles/mlp", ort_training="never")        # doctest: +SKIP
+        >>> result = validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)  # doctest: +SKIP
+        >>> result["portable"]["gradient_reference"], result["per_row_vs_row_by_row_max_abs_diff"]  # doctest: +SKIP
+        ('torch-autograd', 0.0)
+    """
     manifest = bundle.manifest
     logits_name = manifest.logits_output
     session = _session(bundle)
@@ -191,7 +222,9 @@ def _torch_loss(bundle: Bundle, out, labels: np.ndarray):
         return F.cross_entropy(out.transpose(1, 2), target, ignore_index=manifest.ignore_index if manifest.ignore_index is not None else -100)
     if manifest.loss == "mse":
         return F.mse_loss(out, target)
-    return F.binary_cross_entropy_with_logits(out, target)
+    if manifest.loss == "bce-with-logits":
+        return F.binary_cross_entropy_with_logits(out, target)
+    raise ValidationFailedError(_unknown_loss(manifest.loss))
 
 
 def _finite_difference_check(bundle: Bundle, feeds, labels, base, grads) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -12,6 +14,10 @@ import torch.nn.functional as F
 
 import tiny_models as tm
 from bitfit.export import export_bundle
+from bitfit.export.artifacts import LOSS_FOR_TASK, loss_for
+from bitfit.export.validate import example_labels
+from bitfit.sdk.bundle import LossName, OptimizerName, Task
+from bitfit.sdk.errors import ExportError, ValidationFailedError
 from bitfit.sdk.trainer import TrainingSession
 
 
@@ -44,13 +50,33 @@ def numpy_feeds(inputs):
     return {k: v.numpy() for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("name, task, loss, optimizer", [
+LOSS_CASES = [
     ("regression", "regression", "mse", "adamw"),
     ("multilabel", "multilabel", "bce-with-logits", "adamw"),
     ("tokens", "token-classification", "token-cross-entropy", "adamw"),
     ("classification-sgd", "classification", "cross-entropy", "sgd"),
     ("mse-explicit", "classification", "mse", "sgd"),
-])
+]
+
+
+def test_every_loss_optimizer_and_task_of_the_manifest_format_is_covered():
+    """The Literals in bitfit.sdk.bundle are the one list: a loss or optimizer added there
+    without an export case here, or a task without a default loss, fails this test."""
+    assert {case[2] for case in LOSS_CASES} == set(get_args(LossName))
+    assert {case[3] for case in LOSS_CASES} == set(get_args(OptimizerName))
+    assert sorted(LOSS_FOR_TASK) == sorted(get_args(Task)) and set(LOSS_FOR_TASK.values()) <= set(get_args(LossName))
+    with pytest.raises(ExportError, match="unknown task 'ranking': use one of classification, regression"):
+        loss_for("ranking")
+    rng = np.random.default_rng(0)
+    shapes = {"cross-entropy": (4,), "token-cross-entropy": (4, 5), "mse": (4, 5, 3), "bce-with-logits": (4, 5, 3)}
+    for loss in get_args(LossName):
+        labels = example_labels(SimpleNamespace(manifest=SimpleNamespace(loss=loss)), np.zeros((4, 5, 3), np.float32), rng)
+        assert labels.shape == shapes[loss], loss
+    with pytest.raises(ValidationFailedError, match="loss 'hinge'"):
+        example_labels(SimpleNamespace(manifest=SimpleNamespace(loss="hinge")), np.zeros((4, 3), np.float32), rng)
+
+
+@pytest.mark.parametrize("name, task, loss, optimizer", LOSS_CASES)
 def test_each_loss_and_optimizer_exports_and_validates(name, task, loss, optimizer, bundles, check_bundle):
     model, _, bundle = bundles(name)
     check_bundle(bundle, trainable=tm.bias_names(model))
