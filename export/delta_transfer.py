@@ -59,8 +59,10 @@ LINEAR_KINDS = frozenset({"gemm", "matmul-add", "linear"})
 _HF_TASK_OF = {"classification": "text-classification", "regression": "text-classification",
                "multilabel": "text-classification", "token-classification": "token-classification",
                "causal-lm": "causal-lm"}
-_PEFT_TASK_TYPE = {"text-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "causal-lm": "CAUSAL_LM",
-                   "feature-extraction": "FEATURE_EXTRACTION"}
+# PEFT's SEQ_CLS / TOKEN_CLS task types make the classifier a "module to save" whose full
+# weights must sit in the adapter; a BEFT adapter carries the classifier's bias as a vector
+# instead, so classification adapters get no task type (PEFT's generic PeftModel loads them).
+_PEFT_TASK_TYPE = {"causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 
 
 @dataclass
@@ -117,7 +119,7 @@ def trained_state_dict(bundle: Bundle, delta: Delta) -> tuple[dict[str, np.ndarr
     """``base + delta`` of every trainable tensor under its source parameter name.
 
     A bias the export split into copies (``x.bias.__copy1``) maps back only if every copy
-    holds the same value (the source model has one parameter for them); tensors without a
+    holds the same value within 1e-6 (the source model has one parameter for them); tensors without a
     source name (biases added by ``add_biases``, ``.onnx`` sources) are skipped.
 
     Raises:
@@ -145,12 +147,12 @@ def trained_state_dict(bundle: Bundle, delta: Delta) -> tuple[dict[str, np.ndarr
     out: dict[str, np.ndarray] = {}
     for source, members in groups.items():
         values = [trained[m] for m in members]
-        if any(not np.array_equal(values[0], v) for v in values[1:]):
+        if any(not np.allclose(values[0], v, rtol=0, atol=1e-6) for v in values[1:]):
             for m in members:
                 report.skipped[m] = (f"{source} is one parameter shared by {len(members)} uses that trained apart; "
                                      "the source model cannot hold different values for them")
             continue
-        out[source] = np.ascontiguousarray(values[0], dtype=np.float32)
+        out[source] = np.ascontiguousarray(np.mean(values, axis=0), dtype=np.float32)
         for m in members:
             report.mapped[m] = source
     return out, report
