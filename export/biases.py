@@ -50,7 +50,16 @@ _PAPER_FF1 = re.compile(r"(intermediate\.dense|mlp\.c_fc|mlp\.fc1|fc1|mlp\.dense
 
 @dataclass(frozen=True)
 class BiasUse:
-    """One place where a bias initializer is used: the consuming node and input slot."""
+    """One place where a bias initializer is used: the consuming node and input slot.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> b = numpy_helper.from_array(np.zeros(2, np.float32), "fc.bias")
+        >>> g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "fc.bias"], ["y"], name="fc")], "g", [], [], [b])
+        >>> find_biases(helper.make_model(g))[0].uses
+        (BiasUse(node='fc', op_type='Gemm', input_index=2),)
+    """
 
     node: str
     op_type: str
@@ -59,7 +68,17 @@ class BiasUse:
 
 @dataclass(frozen=True)
 class BiasInfo:
-    """A bias found by structure: its initializer name, shape, kind and uses."""
+    """A bias found by structure: its initializer name, shape, kind and uses.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> b = numpy_helper.from_array(np.zeros(4, np.float32), "ln.bias")
+        >>> ln = helper.make_node("LayerNormalization", ["x", "ln.weight", "ln.bias"], ["y"], name="ln")
+        >>> info = find_biases(helper.make_model(helper.make_graph([ln], "g", [], [], [b])))[0]
+        >>> info.name, info.shape, info.kind
+        ('ln.bias', (4,), 'layernorm')
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -72,7 +91,22 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def find_biases(model: onnx.ModelProto) -> list[BiasInfo]:
-    """Every bias in the graph, in graph order, found by where it is used."""
+    """Every bias in the graph, in graph order, found by where it is used.
+
+    A 1-D float initializer counts when it is a bias input (Gemm, Conv, LayerNorm, ...) or
+    is added to a MatMul/Conv/Gemm output; its name does not matter. One tensor used in two
+    places is one ``BiasInfo`` with two uses.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> shared = numpy_helper.from_array(np.zeros(3, np.float32), "b")
+        >>> nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        ...          helper.make_node("Add", ["h", "b"], ["h2"], name="add"),
+        ...          helper.make_node("Gemm", ["h2", "w2", "b"], ["y"], name="gemm")]
+        >>> [(i.name, i.kind, len(i.uses)) for i in find_biases(helper.make_model(helper.make_graph(nodes, "g", [], [], [shared])))]
+        [('b', 'matmul-add', 2)]
+    """
     inits = _initializers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     found: dict[str, tuple[BiasKind, list[BiasUse]]] = {}
@@ -100,7 +134,19 @@ def find_biases(model: onnx.ModelProto) -> list[BiasInfo]:
 
 
 def find_head_weight(model: onnx.ModelProto) -> str | None:
-    """The classification head's weight: the 2-D initializer of the Gemm/MatMul nearest the first output."""
+    """The classification head's weight: the 2-D initializer of the Gemm/MatMul nearest the first output.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> inits = [numpy_helper.from_array(np.zeros((4, 4), np.float32), "enc.weight"),
+        ...          numpy_helper.from_array(np.zeros((4, 2), np.float32), "head.weight")]
+        >>> nodes = [helper.make_node("MatMul", ["x", "enc.weight"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+        ...          helper.make_node("MatMul", ["r", "head.weight"], ["logits"])]
+        >>> out = helper.make_tensor_value_info("logits", 1, [1, 2])
+        >>> find_head_weight(helper.make_model(helper.make_graph(nodes, "g", [], [out], inits)))
+        'head.weight'
+    """
     inits = _initializers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     frontier, seen = [model.graph.output[0].name], set()
@@ -119,7 +165,15 @@ def find_head_weight(model: onnx.ModelProto) -> str | None:
 
 
 def cross_check(biases: list[BiasInfo], param_names: list[str] | None) -> list[str]:
-    """Framework parameters named ``*.bias`` that the structural search did not find."""
+    """Framework parameters named ``*.bias`` that the structural search did not find.
+
+    Each is logged as a warning: it stays frozen (e.g. a bias the exporter folded away).
+
+    Example:
+        >>> found = [BiasInfo("fc.bias", (2,), "gemm", ())]
+        >>> cross_check(found, ["fc.weight", "fc.bias", "norm.bias"])
+        ['norm.bias']
+    """
     if not param_names:
         return []
     found = {b.name for b in biases}
@@ -131,7 +185,18 @@ def cross_check(biases: list[BiasInfo], param_names: list[str] | None) -> list[s
 
 @dataclass(frozen=True)
 class TrainableSelection:
-    """The chosen trainable tensors and how they were chosen."""
+    """The chosen trainable tensors and how they were chosen (recorded in the manifest).
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> inits = [numpy_helper.from_array(np.zeros(2, np.float32), n) for n in ("attn.query.bias", "attn.key.bias")]
+        >>> nodes = [helper.make_node("Gemm", ["x", "w", n], [n + ".out"], name=n) for n in ("attn.query.bias", "attn.key.bias")]
+        >>> model = helper.make_model(helper.make_graph(nodes, "g", [], [], inits))
+        >>> selection = select_trainable(model, find_biases(model), "all-biases", exclude=["key"])
+        >>> selection.names, selection.exclude
+        (['attn.query.bias'], ['key'])
+    """
 
     names: list[str]
     policy: str
@@ -207,6 +272,13 @@ def _compile(patterns: list[str], what: str) -> list[re.Pattern[str]]:
 
 
 def bias_uses_by_name(biases: list[BiasInfo]) -> dict[str, list[BiasUse]]:
+    """Bias name -> every place it is used (what ``split_shared_biases`` needs).
+
+    Example:
+        >>> uses = bias_uses_by_name([BiasInfo("b", (2,), "gemm", (BiasUse("fc1", "Gemm", 2), BiasUse("fc2", "Gemm", 2)))])
+        >>> [u.node for u in uses["b"]]
+        ['fc1', 'fc2']
+    """
     out: dict[str, list[BiasUse]] = defaultdict(list)
     for b in biases:
         out[b.name].extend(b.uses)

@@ -67,12 +67,38 @@ _RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 class NoPortableModel(UnsupportedModelError):
-    """This graph cannot have a portable training model; the message is the manifest's reason."""
+    """This graph cannot have a portable training model; the message is the manifest's reason.
+
+    An ``UnsupportedModelError``: the export goes on without the portable backend (the
+    bundle then trains with ORT training artifacts only) and records why.
+
+    Example:
+        >>> from onnx import helper
+        >>> fused = helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain="com.microsoft")
+        >>> m = helper.make_model(helper.make_graph([fused], "g", [], []), opset_imports=[helper.make_opsetid("", 17)])
+        >>> try:
+        ...     build_portable_models(m, [], loss="mse", example_inputs={})
+        ... except NoPortableModel as err:
+        ...     print(err)
+        the model uses non-standard ops ['com.microsoft.FusedMatMul']; the portable model is standard ONNX only
+    """
 
 
 @dataclass
 class PortableModels:
-    """The gradient and eval models (weights still inline) and facts about them."""
+    """The gradient and eval models (weights still inline) and facts about them.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> inits = [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b")]
+        >>> g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"])], "g",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", 2])], [helper.make_tensor_value_info("y", 1, ["batch", 2])], inits)
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        >>> models = build_portable_models(m, ["b"], loss="mse", example_inputs={"x": np.ones((2, 2), np.float32)})
+        >>> [i.name for i in models.eval.graph.input], [o.name for o in models.eval.graph.output], models.stats["opset"]
+        (['x', 'labels', 'b'], ['loss', 'y'], 17)
+    """
 
     gradient: onnx.ModelProto
     eval: onnx.ModelProto

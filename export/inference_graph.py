@@ -33,6 +33,15 @@ INFERENCE_FILE = "inference.onnx"
 
 @dataclass(frozen=True)
 class InferencePlan:
+    """Whether the inference model takes per-row biases, the shape each trainable tensor is
+    fed with (``[1, d]`` per row, else its own), and why not when it cannot.
+
+    Example:
+        >>> plan = InferencePlan(False, {"h.bias": [8]}, "h.bias is not used exactly once as a bias")
+        >>> plan.per_row, plan.reason
+        (False, 'h.bias is not used exactly once as a bias')
+    """
+
     per_row: bool
     inference_shapes: dict[str, list[int]]
     reason: str
@@ -43,6 +52,14 @@ def observe_output_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[
 
     Why not ONNX shape inference: it loses the batch symbol through Gather/Shape/Reshape
     chains (BERT's embeddings), so it cannot prove what a run shows directly.
+
+    Example:
+        >>> from onnx import helper
+        >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", 3])], [helper.make_tensor_value_info("y", 1, ["batch", 3])])
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        >>> observe_output_shapes(m, ["h"], {"x": np.zeros((2, 3), np.float32)})   # batch 2, then 3
+        {'h': [(2, 3), (3, 3)]}
     """
     from bitfit.sdk.runtime import ort
 
@@ -66,6 +83,17 @@ def plan_per_row(model: onnx.ModelProto, trainable: list[str], uses: dict[str, l
     batch dimension first (seen at two batch sizes). A graph that folds batch into
     another axis (e.g. GPT-2's ``addmm`` over ``[batch*seq, d]``) cannot. Returns the
     plan and the rank of each bias's output.
+
+    Example:
+        >>> from onnx import helper, numpy_helper
+        >>> from bitfit.export.biases import bias_uses_by_name, find_biases
+        >>> inits = [numpy_helper.from_array(np.eye(3, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+        >>> g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")], "g",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", 3])], [helper.make_tensor_value_info("y", 1, ["batch", 3])], inits)
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        >>> plan, ranks = plan_per_row(m, ["b"], bias_uses_by_name(find_biases(m)), {"x": np.zeros((2, 3), np.float32)})
+        >>> plan.per_row, plan.inference_shapes, ranks
+        (True, {'b': [1, 3]}, {'b': 2})
     """
     inits = {i.name: i for i in model.graph.initializer}
     plain = {n: list(inits[n].dims) for n in trainable}
@@ -155,6 +183,23 @@ def build_inference_model(
     """Write ``inference.onnx`` and ``weights.safetensors`` into ``out_dir``.
 
     Returns the per-row plan and the base tensors written (every float initializer).
+
+    Example:
+        >>> import tempfile
+        >>> from onnx import helper, numpy_helper
+        >>> from bitfit.export.biases import bias_uses_by_name, find_biases
+        >>> from bitfit.sdk.runtime import ort
+        >>> inits = [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b")]
+        >>> g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")], "g",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", 2])], [helper.make_tensor_value_info("y", 1, ["batch", 2])], inits)
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        >>> out, x = Path(tempfile.mkdtemp()), np.ones((2, 2), np.float32)
+        >>> plan, base = build_inference_model(m, ["b"], bias_uses_by_name(find_biases(m)), out, {"x": x})
+        >>> session = ort.InferenceSession(str(out / INFERENCE_FILE), providers=["CPUExecutionProvider"])
+        >>> plan.per_row, sorted(base)
+        (True, ['b', 'w'])
+        >>> session.run(None, {"x": x, "b": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)})[0].tolist()  # a bias per row
+        [[2.0, 3.0], [4.0, 5.0]]
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's graph
     plan, ranks = plan_per_row(model, trainable, uses, example_inputs)
@@ -182,7 +227,19 @@ def build_inference_model(
 
 def point_at_weights(model: onnx.ModelProto, weights_path: Path) -> None:
     """Make every initializer stored in ``weights_path`` (a safetensors file in the model's
-    folder) ONNX external data pointing at its bytes there; others stay inline."""
+    folder) ONNX external data pointing at its bytes there; others stay inline.
+
+    Example:
+        >>> import tempfile
+        >>> from onnx import helper, numpy_helper
+        >>> out = Path(tempfile.mkdtemp())
+        >>> save_file({"w": np.ones(2, np.float32)}, str(out / WEIGHTS_FILE))
+        >>> w, c = numpy_helper.from_array(np.ones(2, np.float32), "w"), numpy_helper.from_array(np.ones(1, np.float32), "c")
+        >>> m = helper.make_model(helper.make_graph([], "g", [], [], [w, c]))
+        >>> point_at_weights(m, out / WEIGHTS_FILE)
+        >>> [(i.name, {e.key: e.value for e in i.external_data}) for i in m.graph.initializer]
+        [('w', {'location': 'weights.safetensors', 'offset': '64', 'length': '8'}), ('c', {})]
+    """
     raw = weights_path.read_bytes()[:8]
     header_len = struct.unpack("<Q", raw)[0]
     with open(weights_path, "rb") as fh:

