@@ -54,7 +54,16 @@ _SCHEMA: dict[str, dict[int, tuple[str, str]]] = {
 @dataclass(frozen=True)
 class ExternalRef:
     """One tensor stored as external data: its name, its ``location`` (None if it has
-    none) and where in the model it sits (e.g. ``graph.initializer[3]``)."""
+    none) and where in the model it sits (e.g. ``graph.initializer[3]``).
+
+    Example:
+        >>> tensor = b"\\x42\\x01c" + b"\\x70\\x01"                     # name "c", data_location EXTERNAL
+        >>> attribute = b"\\x2a" + bytes([len(tensor)]) + tensor          # AttributeProto.t
+        >>> node = b"\\x2a" + bytes([len(attribute)]) + attribute         # NodeProto.attribute
+        >>> graph = b"\\x0a" + bytes([len(node)]) + node                  # GraphProto.node
+        >>> external_data_refs(b"\\x3a" + bytes([len(graph)]) + graph)    # ModelProto.graph
+        [ExternalRef(tensor='c', location=None, where='graph.node[0].attribute[0].t[0]')]
+    """
 
     tensor: str
     location: str | None
