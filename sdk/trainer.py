@@ -33,7 +33,9 @@ from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError,
     ResourceExhaustedError,
 )
-from .portable_trainer import Device, PortableTrainingSession
+from .portable_trainer import (
+    Device, PortableTrainingSession, _checked_learning_rate, _checked_trainable_values, _label_classes, check_training_feeds,
+)
 from .runtime import cuda_available, has_training_api, is_out_of_memory, ort
 
 BackendChoice = Literal["auto", "portable", "ort-training"]
@@ -181,7 +183,11 @@ class OrtTrainingSession:
         except Exception as err:
             raise _load_error(bundle, device, "optimizer model", err) from err
         self.trainable = [t.name for t in manifest.trainable]
+        self._shapes = {name: tuple(self.state.parameters[name].data.shape) for name in self.trainable}
         self.input_names = list(self.module.input_names())
+        specs = _recorded_input_specs(manifest)
+        self._input_specs = {name: specs.get(name, (None, None)) for name in self.input_names}
+        self._classes = _label_classes(manifest)
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
 
@@ -221,12 +227,26 @@ class OrtTrainingSession:
         Example:
             >>> session.set_learning_rate(5e-3)                                    # doctest: +SKIP
         """
-        self.optimizer.set_learning_rate(float(value))
+        self.optimizer.set_learning_rate(_checked_learning_rate(value))
 
     def _args(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
-        values = dict(feeds)
-        values[self.bundle.manifest.label_input] = labels
+        """The module's inputs in order, checked as the portable backend checks them."""
+        manifest = self.bundle.manifest
+        values = check_training_feeds(self._input_specs, {**feeds, manifest.label_input: labels},
+                                      label_input=manifest.label_input, classes=self._classes,
+                                      ignore_index=manifest.ignore_index)
         return [values[name] for name in self.input_names]
+
+    def _run(self, args: list[np.ndarray]) -> tuple[Any, Any]:
+        try:
+            return self.module(*args)
+        except Exception as err:  # the training API raises RuntimeError for everything
+            if is_out_of_memory(err):
+                raise ResourceExhaustedError(
+                    f"onnxruntime ran out of memory running a training step ({str(err).strip()[-200:]}); use a smaller "
+                    "batch or shorter inputs, or free memory"
+                ) from err
+            raise
 
     def train_step(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> float:
         """One forward + backward + optimizer step; returns the batch loss.
@@ -235,8 +255,9 @@ class OrtTrainingSession:
             >>> session.train_step({"x": x}, np.array([0, 2], np.int64))           # doctest: +SKIP
             1.0986...
         """
+        args = self._args(feeds, labels)
         self.module.train()
-        loss, _ = self.module(*self._args(feeds, labels))
+        loss, _ = self._run(args)
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(loss)
@@ -252,9 +273,10 @@ class OrtTrainingSession:
             >>> {name: g.shape for name, g in grads.items()}                          # doctest: +SKIP
             {'0.bias': (16,), '2.bias': (3,)}
         """
+        args = self._args(feeds, labels)
         self.module.train()
         self.module.lazy_reset_grad()
-        loss, _ = self.module(*self._args(feeds, labels))
+        loss, _ = self._run(args)
         grads = {name: np.array(self.state.parameters[name].grad, np.float32) for name in self.trainable}
         self.module.lazy_reset_grad()
         return float(loss), grads
@@ -267,8 +289,9 @@ class OrtTrainingSession:
             >>> logits.shape                                                            # doctest: +SKIP
             (2, 3)
         """
+        args = self._args(feeds, labels)
         self.module.eval()
-        loss, logits = self.module(*self._args(feeds, labels))
+        loss, logits = self._run(args)
         return float(loss), np.asarray(logits)
 
     def trainable_values(self) -> dict[str, np.ndarray]:
@@ -286,8 +309,8 @@ class OrtTrainingSession:
         Example:
             >>> session.set_trainable_values({"0.bias": np.zeros(16, np.float32)})     # doctest: +SKIP
         """
-        for name, value in values.items():
-            self.state.parameters[name].data = np.asarray(value, np.float32).reshape(self.state.parameters[name].data.shape)
+        for name, value in _checked_trainable_values(values, self._shapes).items():
+            self.state.parameters[name].data = value
 
     def parameter_values(self, names: list[str]) -> dict[str, np.ndarray]:
         """Any parameters' current values (copies), trainable or frozen.
@@ -312,6 +335,20 @@ def _load_error(bundle: Bundle, device: str, what: str, err: Exception) -> Bitfi
         return ProviderUnavailableError(f"CUDA could not load the bundle's {what} ({detail}); use device='cpu'")
     return BundleInvalidError(f"onnxruntime refuses the bundle's {what} although its files match the manifest ({detail}); "
                               "re-export the bundle with this bitfit")
+
+
+def _recorded_input_specs(manifest: Any) -> dict[str, tuple[Any, list[Any]]]:
+    """(dtype, shape) of the model inputs and the labels, from the manifest: the training API
+    does not tell its input types. The labels follow the loss, as the exported graphs take them."""
+    specs: dict[str, tuple[Any, list[Any]]] = {i.name: (np.dtype(i.dtype), list(i.shape)) for i in manifest.inputs}
+    logits = next((o for o in manifest.outputs if o.name == manifest.logits_output), manifest.outputs[0])
+    if manifest.loss == "cross-entropy":
+        specs[manifest.label_input] = (np.dtype(np.int64), list(logits.shape[:1]))
+    elif manifest.loss == "token-cross-entropy":
+        specs[manifest.label_input] = (np.dtype(np.int64), list(logits.shape[:2]))
+    else:  # mse, bce-with-logits: float targets shaped like the output
+        specs[manifest.label_input] = (np.dtype(np.float32), list(logits.shape))
+    return specs
 
 
 TrainingSession = OrtTrainingSession

@@ -610,6 +610,53 @@ def test_both_backends_give_the_same_gradients_without_updating(numeric_bundle: 
         np.testing.assert_allclose(value, fresh.trainable_values()[name], atol=1e-7, err_msg=name)
 
 
+_X = np.zeros((2, 8), np.float32)  # the numeric bundle: features [batch, 8], 3 classes
+
+
+@needs_ort_training
+@pytest.mark.parametrize("feeds, labels, match", [
+    ({"features": _X.astype(np.float64)}, np.array([0, 1]), r"input 'features' has dtype float64.*float32"),
+    ({"features": _X}, np.array([0, 1], np.int32), r"input 'labels' has dtype int32.*int64"),
+    ({"features": np.zeros((2, 9), np.float32)}, np.array([0, 1]), r"input 'features' has size 9 on axis 1"),
+    ({"features": np.zeros((3, 8), np.float32)}, np.array([0, 1]), r"'labels' has 2 on its 'batch' axis but 'features' has 3"),
+    ({}, np.array([0, 1]), r"input 'features' is missing"),
+    ({"features": _X}, np.array([0, 7]), r"input 'labels' holds class indices 0..7; the model has 3 classes"),
+])
+def test_both_backends_refuse_the_same_arrays_with_the_same_message(numeric_bundle: Path, feeds, labels, match) -> None:
+    """The ort-training backend used to pass bad arrays to onnxruntime (a KeyError, a bare
+    RuntimeError) and trained silently on class indices beyond the classes."""
+    bundle = Bundle.open(numeric_bundle)
+    messages = set()
+    for backend in ("ort-training", "portable"):
+        session = open_training_session(bundle, backend=backend)
+        before = session.trainable_values()
+        for call in (session.train_step, session.evaluate, session.gradients):
+            with pytest.raises(InvalidUserDataError, match=match) as err:
+                call(feeds, labels)
+            messages.add(str(err.value))
+        for name, value in session.trainable_values().items():  # a refused step changes nothing
+            np.testing.assert_array_equal(value, before[name])
+    assert len(messages) == 1, messages
+
+
+@needs_ort_training
+@pytest.mark.parametrize("call, match", [
+    (lambda s: s.set_learning_rate(float("nan")), "learning_rate must be a finite number >= 0, got nan"),
+    (lambda s: s.set_learning_rate(-1e-3), "learning_rate must be a finite number >= 0"),
+    (lambda s: s.set_trainable_values({"nope.bias": np.zeros(3)}), r"\['nope.bias'\] are not trainable tensors"),
+    (lambda s: s.set_trainable_values({"4.bias": np.zeros(4)}), r"value for '4.bias' has 4 elements, the tensor has shape \[3\]"),
+])
+def test_both_backends_refuse_the_same_arguments_with_the_same_message(numeric_bundle: Path, call, match) -> None:
+    bundle = Bundle.open(numeric_bundle)
+    messages = set()
+    for backend in ("ort-training", "portable"):
+        session = open_training_session(bundle, backend=backend)
+        with pytest.raises(InvalidArgumentError, match=match) as err:
+            call(session)
+        messages.add(str(err.value))
+    assert len(messages) == 1, messages
+
+
 @needs_ort_training
 def test_default_learning_rate_is_the_training_api_default(numeric_bundle: Path) -> None:
     bundle = Bundle.open(numeric_bundle)
@@ -649,7 +696,7 @@ def test_personalize_with_either_backend_saves_the_same_delta(text_bundle: Path,
         assert result.accuracy_after is not None and result.accuracy_after > result.accuracy_before
         deltas[backend] = (result, delta)
     (old, old_delta), (new, new_delta) = deltas["ort-training"], deltas["portable"]
-    assert (new.steps, new.kept_epoch, new.stopped_by) == (old.steps, old.kept_epoch, old.stopped_by)
+    assert (new.steps, new.kept_step, new.stopped_by) == (old.steps, old.kept_step, old.stopped_by)
     assert new.loss_after == pytest.approx(old.loss_after, rel=1e-5)
     for name, value in old_delta.tensors.items():
         np.testing.assert_allclose(new_delta.tensors[name], value, atol=1e-5, err_msg=name)
