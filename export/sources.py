@@ -445,7 +445,13 @@ def from_onnx_file(
         raise UnsupportedModelError(f"{path} has no initializers: bitfit needs the weights inside the graph (export with export_params=True)")
     feeds = {k: np.asarray(v) for k, v in (example_inputs or _synth_inputs(model)).items()}
     output = output_name or model.graph.output[0].name
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's InvalidGraph / Fail / NotImplemented: the model, not the file
+        raise UnsupportedModelError(
+            f"onnxruntime {ort.__version__} cannot load {path} ({type(err).__name__}: {str(err).strip()[:300]}); bitfit "
+            "runs and trains the model with onnxruntime: export it with standard ONNX ops at an opset this onnxruntime has"
+        ) from err
 
     def reference(inputs: dict[str, np.ndarray]) -> np.ndarray:
         return session.run([output], inputs)[0]
@@ -516,7 +522,10 @@ def from_hf_dir(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:  # transformers reports a bad or unknown config this way
+        raise ExportError(f"transformers cannot read {path / 'config.json'} ({err}); save the model with save_pretrained") from err
     loader = {"text-classification": AutoModelForSequenceClassification, "token-classification": AutoModelForTokenClassification,
               "feature-extraction": AutoModel}.get(task)
     if loader is None:
@@ -524,7 +533,13 @@ def from_hf_dir(
     kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": "eager"}
     if task == "feature-extraction" and config.model_type == "bert":
         kwargs["add_pooling_layer"] = False
-    hf_model = loader.from_pretrained(str(path), **kwargs).eval()
+    try:
+        hf_model = loader.from_pretrained(str(path), **kwargs).eval()
+    except (OSError, ValueError) as err:  # no weights file, or weights that do not fit the config
+        raise ExportError(
+            f"transformers cannot load the {task} model in {path} ({str(err).strip()[:300]}); the directory needs the "
+            "weights (model.safetensors) beside config.json, as save_pretrained writes them"
+        ) from err
     with tempfile.TemporaryDirectory() as tmp, distinct_parameter_values(hf_model) as originals:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -88,8 +88,9 @@ def cuda_available() -> bool:
     """Whether this onnxruntime build can run on CUDA here.
 
     Example:
-        >>> cuda_available() in (True, False)
-        True
+        >>> device = "cuda" if cuda_available() else "cpu"
+        >>> resolve_providers(device)[-1]                 # CPU stays the fallback either way
+        'CPUExecutionProvider'
     """
     return "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -222,6 +222,33 @@ def test_external_data_hidden_in_a_subgraph_or_attribute_is_refused(hidden_in, t
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
 
+def test_onnx_file_that_onnxruntime_cannot_load_is_unsupported(tmp_path):
+    """Not a bare onnxruntime InvalidGraph: the model (an op ORT lacks) is the cause, and the message says so."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"), helper.make_node("NoSuchOp", ["h"], ["logits"], name="odd")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "odd.onnx"))  # not check_model: the checker would refuse the op too
+    with pytest.raises(UnsupportedModelError, match=r"onnxruntime .* cannot load .*odd.onnx \(InvalidGraph: .*NoSuchOp"):
+        export_bundle(tmp_path / "odd.onnx", tmp_path / "b")
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("config, match", [
+    ("{not json", r"transformers cannot read .*config.json"),
+    ('{"model_type": "bert"}', r"transformers cannot load the text-classification model in .*model.safetensors"),
+])
+def test_hf_directory_transformers_cannot_load_is_an_export_error(config, match, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(config)
+    with pytest.raises(ExportError, match=match):
+        export_bundle(tmp_path / "hf", tmp_path / "b", hf_task="text-classification")
+    assert not (tmp_path / "b").exists()
+
+
 def test_missing_onnx_file(tmp_path):
     with pytest.raises(ExportError, match="does not exist: pass the path of a forward .onnx model"):
         export_bundle(tmp_path / "nope.onnx", tmp_path / "b")
