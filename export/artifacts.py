@@ -19,7 +19,8 @@ from typing import get_args
 import onnx
 
 from bitfit.sdk.bundle import LossName, OptimizerName, Task
-from bitfit.sdk.errors import ExportError, UnsupportedModelError
+from bitfit.sdk.errors import ExportError, ResourceExhaustedError, UnsupportedModelError
+from bitfit.sdk.runtime import is_out_of_memory
 
 from .gradient_graph import LABEL_INPUT
 from .repairs import cap_ir_version
@@ -170,7 +171,14 @@ def generate_training_artifacts(
             )
     except UnsupportedModelError:
         raise
+    except OSError as err:  # writing the files (disk full, permissions): not the model's fault
+        raise ExportError(f"could not write the training artifacts to {target} ({err}); check the disk and its permissions") from err
     except Exception as err:
+        if is_out_of_memory(err):
+            raise ResourceExhaustedError(
+                f"onnxruntime ran out of memory building the training graph ({err}); free memory, or export with "
+                "ort_training='never' (the portable training model needs no gradient builder)"
+            ) from err
         raise UnsupportedModelError(
             f"onnxruntime could not build the training graph: {err}. If it names an op, that op has no gradient "
             "in ORT 1.19.2; see docs/bundle-format.md (known limits)."

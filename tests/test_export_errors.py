@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import tiny_models as tm
 from bitfit.export import export_bundle
 from bitfit.sdk.bundle import Bundle
-from bitfit.sdk.errors import BitfitError, ExportError, UnsupportedModelError, ValidationFailedError
+from bitfit.sdk.errors import BitfitError, ExportError, ResourceExhaustedError, UnsupportedModelError, ValidationFailedError
 
 
 def leftovers(parent) -> list[str]:
@@ -247,6 +247,31 @@ def test_hf_directory_transformers_cannot_load_is_an_export_error(config, match,
     with pytest.raises(ExportError, match=match):
         export_bundle(tmp_path / "hf", tmp_path / "b", hf_task="text-classification")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("failure, expected, match", [
+    (OSError(28, "No space left on device"), ExportError, "could not write the training artifacts .*No space left"),
+    (RuntimeError("std::bad_alloc"), ResourceExhaustedError, "ran out of memory building the training graph"),
+    (RuntimeError("No gradient registered for op Foo"), UnsupportedModelError, "could not build the training graph: No gradient"),
+])
+def test_a_training_artifact_failure_names_its_real_cause(failure, expected, match, tmp_path, monkeypatch):
+    """Only a failure of the gradient builder itself says the model is unsupported."""
+    from onnxruntime.training import artifacts as ort_artifacts
+
+    from bitfit.export.artifacts import generate_training_artifacts
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(ort_artifacts, "generate_artifacts", fail)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b")]))
+    with pytest.raises(expected, match=match) as err:
+        generate_training_artifacts(model, ["b"], ["w"], tmp_path, loss="cross-entropy")
+    assert type(err.value) is expected
 
 
 def test_missing_onnx_file(tmp_path):
