@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -103,8 +104,9 @@ def parameter_names(bundle: Bundle) -> dict[str, str | None]:
         BundleInvalidError: the bundle predates ``source.parameter_names``; re-export it.
 
     Example:
-        >>> parameter_names(Bundle.open("bundles/mlp"))                       # doctest: +SKIP
-        {'0.bias': '0.bias', '2.bias': '2.bias'}
+        >>> bundle, net = _example_bundle()          # Linear -> ReLU -> LayerNorm -> Linear
+        >>> parameter_names(bundle)
+        {'0.bias': '0.bias', '2.bias': '2.bias', '3.bias': '3.bias'}
     """
     names = bundle.manifest.source.get("parameter_names") if isinstance(bundle.manifest.source, dict) else None
     if not isinstance(names, dict):
@@ -127,7 +129,10 @@ def trained_state_dict(bundle: Bundle, delta: Delta) -> tuple[dict[str, np.ndarr
         BundleInvalidError: the bundle predates ``source.parameter_names``.
 
     Example:
-        >>> sd, report = trained_state_dict(bundle, store.load("alice"))   # doctest: +SKIP
+        >>> bundle, net = _example_bundle()
+        >>> state, report = trained_state_dict(bundle, _example_delta(bundle))
+        >>> sorted(state), bool(np.allclose(state["0.bias"], net[0].bias.detach().numpy() + 0.25))
+        (['0.bias', '2.bias', '3.bias'], True)
     """
     names = parameter_names(bundle)
     manifest = bundle.manifest
@@ -173,8 +178,10 @@ def save_torch_state_dict(bundle: Bundle, delta: Delta, path: str | os.PathLike,
         DeltaMismatchError / BundleInvalidError: as ``trained_state_dict``.
 
     Example:
-        >>> save_torch_state_dict(bundle, store.load("alice"), "alice.safetensors").mapped   # doctest: +SKIP
-        {'0.bias': '0.bias', '2.bias': '2.bias'}
+        >>> bundle, _ = _example_bundle()
+        >>> out = Path(tempfile.mkdtemp()) / "alice.safetensors"
+        >>> save_torch_state_dict(bundle, _example_delta(bundle), out).mapped
+        {'0.bias': '0.bias', '2.bias': '2.bias', '3.bias': '3.bias'}
     """
     from safetensors.numpy import save
 
@@ -198,7 +205,11 @@ def save_merged_hf_model(bundle: Bundle, delta: Delta, model_dir: str | os.PathL
         DeltaMismatchError: ``model_dir`` holds other weights than the bundle's base.
 
     Example:
-        >>> save_merged_hf_model(bundle, store.load("alice"), "my-bert", "my-bert-alice")   # doctest: +SKIP
+        >>> bundle, _ = _example_bundle()             # exported from a torch module, not a HF directory
+        >>> save_merged_hf_model(bundle, _example_delta(bundle), "my-bert", tempfile.mkdtemp() + "/merged")
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.ExportError: to-hf needs a bundle exported from a Hugging Face directory; ...
     """
     import torch
 
@@ -255,7 +266,10 @@ def beft_vectors(bundle: Bundle, delta: Delta, *, strip_prefix: str = "") -> tup
     no BEFT counterpart and are skipped.
 
     Example:
-        >>> vectors, report = beft_vectors(bundle, store.load("alice"))   # doctest: +SKIP
+        >>> bundle, _ = _example_bundle()
+        >>> vectors, report = beft_vectors(bundle, _example_delta(bundle))
+        >>> {m: v.shape for m, v in vectors.items()}, report.skipped
+        ({'0': (1, 8), '3': (1, 3)}, {'2.bias': 'a layernorm tensor: BEFT has one bias vector per Linear layer only'})
     """
     names = parameter_names(bundle)
     manifest = bundle.manifest
@@ -293,8 +307,10 @@ def save_beft_adapter(bundle: Bundle, delta: Delta, out_dir: str | os.PathLike, 
             (``strict``) a tensor cannot be carried.
 
     Example:
-        >>> save_beft_adapter(bundle, store.load("alice"), "alice-beft").skipped   # doctest: +SKIP
-        {'ln.bias': 'a layernorm tensor: BEFT has one bias vector per Linear layer only'}
+        >>> bundle, _ = _example_bundle()
+        >>> report = save_beft_adapter(bundle, _example_delta(bundle), tempfile.mkdtemp() + "/alice-beft")
+        >>> sorted(p.name for p in report.path.iterdir()), report.mapped["0.bias"]
+        (['adapter_config.json', 'adapter_model.safetensors'], 'base_model.model.0.beft_bias')
     """
     from safetensors.numpy import save
 
@@ -335,7 +351,11 @@ def delta_from_state_dict(bundle: Bundle, state_dict: Mapping[str, Any], *, enco
         BundleInvalidError: the bundle predates ``source.parameter_names``.
 
     Example:
-        >>> delta, report = delta_from_state_dict(bundle, net.state_dict())     # doctest: +SKIP
+        >>> bundle, net = _example_bundle()
+        >>> state = {k: v + 0.5 if k == "3.bias" else v for k, v in net.state_dict().items()}
+        >>> delta, report = delta_from_state_dict(bundle, state, encoding="fp32")
+        >>> delta.tensors["3.bias"].tolist(), float(abs(delta.tensors["0.bias"]).max())
+        ([0.5, 0.5, 0.5], 0.0)
     """
     names = parameter_names(bundle)
     base = bundle.trainable_base()
@@ -373,7 +393,11 @@ def delta_from_beft_adapter(bundle: Bundle, adapter_dir: str | os.PathLike, *, e
         DeltaMismatchError: an adapter vector has no bias in the bundle, or another width.
 
     Example:
-        >>> delta, report = delta_from_beft_adapter(bundle, "alice-beft")        # doctest: +SKIP
+        >>> bundle, _ = _example_bundle()
+        >>> adapter = save_beft_adapter(bundle, _example_delta(bundle), tempfile.mkdtemp() + "/beft").path
+        >>> delta, report = delta_from_beft_adapter(bundle, adapter, encoding="fp32")
+        >>> delta.tensors["0.bias"][:2].tolist(), delta.tensors["2.bias"][:2].tolist()   # LayerNorm: not in BEFT
+        ([0.25, 0.25], [0.0, 0.0])
     """
     from safetensors.numpy import load_file
 
@@ -416,8 +440,8 @@ def beft_vectors_names(bundle: Bundle, strip_prefix: str = "") -> dict[str, str]
     """Bundle tensor name -> the BEFT adapter key it maps to, for every Linear bias.
 
     Example:
-        >>> beft_vectors_names(bundle)                   # doctest: +SKIP
-        {'0.bias': 'base_model.model.0.beft_bias', '2.bias': 'base_model.model.2.beft_bias'}
+        >>> beft_vectors_names(_example_bundle()[0])
+        {'0.bias': 'base_model.model.0.beft_bias', '3.bias': 'base_model.model.3.beft_bias'}
     """
     zero = Delta.zeros_like(bundle.trainable_base(), bundle.manifest.base_fingerprint, "fp32")
     return beft_vectors(bundle, zero, strip_prefix=strip_prefix)[1].mapped
@@ -434,8 +458,13 @@ def import_delta(bundle: Bundle, source: str | os.PathLike, store: DeltaStore, u
         InvalidArgumentError: ``source`` is none of these.
 
     Example:
-        >>> import_delta(bundle, "alice.safetensors", DeltaStore("deltas"), "alice")   # doctest: +SKIP
-        (1, TransferReport(...))
+        >>> bundle, net = _example_bundle()
+        >>> path = Path(tempfile.mkdtemp()) / "bitfit.safetensors"
+        >>> save_torch_state_dict(bundle, _example_delta(bundle), path).path.name
+        'bitfit.safetensors'
+        >>> version, report = import_delta(bundle, path, DeltaStore(tempfile.mkdtemp()), "alice")
+        >>> version, len(report.mapped)
+        (1, 3)
     """
     path = Path(source)
     facts = {"imported_path": str(path)}
@@ -458,6 +487,26 @@ def import_delta(bundle: Bundle, source: str | os.PathLike, store: DeltaStore, u
 
 
 # -- helpers -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _example_bundle() -> tuple[Bundle, Any]:
+    """A tiny bundle (Linear -> ReLU -> LayerNorm -> Linear, exported once) and its torch module,
+    for the docstring examples."""
+    import torch
+
+    from .pipeline import export_bundle
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)).eval()
+    bundle = export_bundle(net, Path(tempfile.mkdtemp(prefix="bitfit-doc-")) / "bundle", example_inputs={"x": torch.randn(2, 4)},
+                           ort_training="never")
+    return bundle, net
+
+
+def _example_delta(bundle: Bundle) -> Delta:
+    return Delta({t.name: np.full(t.shape, 0.25) for t in bundle.manifest.trainable}, bundle.manifest.base_fingerprint,
+                 encoding="fp32")
+
 
 def _linear_module(name: str, source: str | None, kind: str | None, added: Mapping[str, Any] | None) -> str | None:
     if added is not None:
