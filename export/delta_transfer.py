@@ -146,7 +146,8 @@ def trained_state_dict(bundle: Bundle, delta: Delta) -> tuple[dict[str, np.ndarr
             report.skipped[name] = (
                 "a bias add_biases added: the source model has no such parameter (save_beft_adapter carries it as a "
                 "BEFT bias)" if name in added else "no parameter of the source model (an .onnx source has no "
-                "parameter names)")
+                "parameter names)" if manifest.source.get("kind") == "onnx" else "its name in the graph is none of "
+                "the source model's parameter names (the exporter renamed or folded it)")
             continue
         groups.setdefault(source, []).append(name)
     out: dict[str, np.ndarray] = {}

@@ -295,3 +295,18 @@ def test_split_copies_that_trained_apart_are_skipped_not_guessed(numeric_bundle,
     same = Delta({**apart, b: base[a] + apart[a] - base[b]}, bundle.manifest.base_fingerprint, encoding="fp32")
     state, report = trained_state_dict(bundle, same)
     assert report.mapped[a] == report.mapped[b] == names[a] and names[a] in state
+
+
+def test_cli_to_peft_writes_the_adapter_and_strict_refuses_skips(hf_bundle, tmp_path, capsys):
+    _, bundle = hf_bundle
+    store = DeltaStore(tmp_path / "store")
+    store.save("gus", random_delta(bundle, seed=6))
+    base = ["deltas", str(store.root), "to-peft", "--user", "gus", "--bundle", str(bundle.path)]
+    assert main([*base, "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "strict" in capsys.readouterr().err and not (tmp_path / "strict").exists()
+    assert main([*base, "--out", str(tmp_path / "beft"), "--base-model", "tiny-bert"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("14 tensors mapped, 5 skipped") and "LayerNorm.bias: a layernorm tensor" in out
+    assert json.loads((tmp_path / "beft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-bert"
+    assert main([*base, "--out", str(tmp_path / "beft")]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
