@@ -301,3 +301,21 @@ def test_gpt2_gets_an_lm_head_bias_and_learns_a_style(tmp_path):
     before, after = held_out_loss(predictor, held, [None] * 16), held_out_loss(predictor, held, ["writer"] * 16)
     assert after < before - 0.5, (before, after)
     assert np.abs(store.load("writer").tensors["inner.transformer.wte.bias"]).max() > 1e-2
+
+
+def test_an_onnx_file_source_gets_biases_too(tmp_path):
+    model, example = no_bias_net()
+    path = tmp_path / "nobias.onnx"
+    torch.onnx.export(model, (example["x"],), str(path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17)
+    bundle = export_bundle(path, tmp_path / "b", labels=["a", "b", "c"], add_biases="linear")
+    manifest = bundle.manifest
+    added = manifest.source["added_biases"]
+    # The exporter folded each weight's transpose into a new initializer (onnx::MatMul_N), so the
+    # added biases are named after those, and have no module name to map back to.
+    assert manifest.source["kind"] == "onnx" and len(added) == 2
+    assert all(name == v["weight"] + ".bias" and v["module"] is None and v["kind"] == "linear" for name, v in added.items())
+    assert sorted(v["shape"] for v in added.values()) == [[3], [8]]
+    assert set(manifest.source["parameter_names"].values()) == {None}
+    assert manifest.validation["inference_vs_source_max_abs_diff"] < 1e-6
+    assert manifest.backend_available("portable")
