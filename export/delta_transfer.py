@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from bitfit.sdk.bundle import Bundle
-from bitfit.sdk.delta import Delta, Encoding, check_delta_fits, write_file_atomic
+from bitfit.sdk.atomic_files import write_file_atomic
+from bitfit.sdk.delta import Delta, Encoding, check_delta_fits
 from bitfit.sdk.errors import BundleInvalidError, DeltaMismatchError, ExportError, InvalidArgumentError
 from bitfit.sdk.store import DeltaStore
 

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .delta import Delta, Encoding, write_file_atomic
+from .atomic_files import write_file_atomic
+from .delta import Delta, Encoding
 from .errors import DeltaMismatchError, InvalidArgumentError, MissingDependencyError
 
 CombineMode = Literal["mean", "sum"]
