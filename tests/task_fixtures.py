@@ -14,6 +14,8 @@ the tests are about what ``personalize`` decides, not the backend).
   100-token vocabulary): a causal LM that learns from plain texts.
 - ``pair_bundle``: an MLP over two numeric inputs ``a`` and ``b`` (labels ``a, b, c``).
 
+``habit_data`` is labelled data for ``sdk_fixtures.numeric_bundle`` that training clearly helps.
+
 Example:
     >>> lm_style(3, seed=0)[0].split()[:3]
     ['w15', 'w10', 'w11']
@@ -26,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdk_fixtures import VOCAB, _bundle_root, _export, build_tokenizer, sentence, tokenizer_file  # noqa: F401
+from sdk_fixtures import (  # noqa: F401
+    VOCAB, _bundle_root, _export, build_tokenizer, numeric_data, sentence, tokenizer_file,
+)
 
 MULTILABELS = ["sport", "work", "family", "urgent"]
 LM_WORDS = ["[PAD]", "[UNK]", *[f"w{i}" for i in range(98)]]
@@ -83,6 +87,14 @@ def bag_texts(count: int, seed: int = 0) -> list[str]:
     while len(out) < count:
         out[sentence("pos" if rng.random() < 0.5 else "neg", rng)] = None
     return list(out)
+
+
+def habit_data(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``sdk_fixtures.numeric_data`` for a user who says 'c' (class 2) ~70% of the time: a
+    habit the numeric bundle's biases learn clearly, whatever the holdout split."""
+    features, labels = numeric_data(count, seed)
+    habit = np.random.default_rng(seed + 100).random(count) < 0.7
+    return features, np.where(habit, 2, labels)
 
 
 def lm_style(count: int, seed: int = 0, lengths: tuple[int, int] = (4, 20)) -> list[str]:
@@ -145,5 +157,5 @@ def pair_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export_to("pair", tmp_path_factory, build_pair_model, labels=["a", "b", "c"])
 
 
-__all__ = ["MULTILABELS", "LM_WORDS", "LM_CYCLE", "build_bag_model", "build_pair_model", "bag_texts", "lm_style",
+__all__ = ["MULTILABELS", "LM_WORDS", "LM_CYCLE", "build_bag_model", "build_pair_model", "bag_texts", "habit_data", "lm_style",
            "tokenizer_file", "bag_bundle", "token_bundle", "lm_bundle", "pair_bundle"]

@@ -16,9 +16,9 @@ from bitfit.sdk.errors import InvalidUserDataError
 from bitfit.sdk.metrics import mean_loss
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
-from sdk_fixtures import numeric_data, write_jsonl
+from sdk_fixtures import write_jsonl
 from task_fixtures import *  # noqa: F401,F403
-from task_fixtures import LM_CYCLE, MULTILABELS, bag_texts, lm_style
+from task_fixtures import MULTILABELS, bag_texts, habit_data, lm_style
 
 QUIET = {"progress_bar": False}
 SHIFT = 3.0
@@ -300,7 +300,7 @@ def test_causal_lm_through_the_command(causal_lm, lm_bundle, tmp_path, capsys):
 def test_one_input_bundle_takes_a_bare_array_like_the_dict(numeric_bundle, tmp_path):
     p = Personalizer(numeric_bundle, store=tmp_path / "store")
     (name,) = [i.name for i in p.bundle.manifest.inputs]
-    features, labels = numeric_data(60, seed=5)
+    features, labels = habit_data(60, seed=5)
     bare, named = p.predict(features[:7]), p.predict({name: features[:7]})
     np.testing.assert_array_equal(bare.logits, named.logits)
     assert bare.labels == named.labels

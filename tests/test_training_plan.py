@@ -5,6 +5,7 @@ and the warnings about data that cannot teach."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -15,7 +16,8 @@ from hypothesis import strategies as st
 import bitfit.sdk.personalizer as personalizer_module
 from bitfit.sdk import Personalizer
 from bitfit.sdk.cli import main
-from bitfit.sdk.data import split_holdout
+from bitfit.sdk.data import Examples, split_holdout
+from bitfit.sdk.data_checks import data_warnings
 from bitfit.sdk.training_plan import (
     BATCH_SIZE, EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
 )
@@ -23,7 +25,7 @@ from bitfit.sdk.training_plan import (
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
 from sdk_fixtures import all_files_sha256, numeric_data, write_jsonl
 from task_fixtures import *  # noqa: F401,F403
-from task_fixtures import bag_texts
+from task_fixtures import bag_texts, habit_data
 
 QUIET = {"progress_bar": False}
 HARMFUL_RATE = 1e3
@@ -205,13 +207,14 @@ def test_holdout_is_scored_about_six_times():
 
 def test_personalize_records_its_plan(numeric_bundle, tmp_path):
     p = Personalizer(numeric_bundle, store=tmp_path / "s")
-    features, labels = numeric_data(60, seed=1)
-    result = p.personalize((features, labels), user="ana", **QUIET)
+    result = p.personalize(habit_data(60, seed=1), user="ana", **QUIET)
+    assert result.saved and not result.retried
     expected = plan_training(60, learning_rate=p.bundle.manifest.training_defaults["learning_rate"],
                              learning_rate_from="bundle").as_dict()
     assert result.plan == expected
     assert (result.holdout_examples, result.examples_used, result.steps) == (8, 52, MIN_STEPS)
     assert p.store.load("ana").info["plan"] == expected
+    assert json.loads(json.dumps(result.as_dict()))["plan"] == expected  # the result is JSON-able
 
 
 # -- do no harm, and the retry -----------------------------------------------------------------
@@ -219,12 +222,12 @@ def test_personalize_records_its_plan(numeric_bundle, tmp_path):
 
 @pytest.fixture
 def trained(numeric_bundle, tmp_path):
-    """A Personalizer whose user 'ana' has version 1, and ana's data."""
+    """A Personalizer whose user 'ana' has version 1, and balanced data (three classes alike) on
+    which a harmful rate only hurts: no single class guessed with certainty wins its holdout."""
     p = Personalizer(numeric_bundle, store=tmp_path / "store")
-    data = numeric_data(80, seed=0)
-    first = p.personalize(data, user="ana", **QUIET)
+    first = p.personalize(habit_data(80, seed=0), user="ana", **QUIET)
     assert first.saved and first.version == 1 and not first.retried
-    return p, data
+    return p, numeric_data(80, seed=0)
 
 
 def test_training_that_only_hurts_saves_nothing_and_retries_once(trained, tmp_path, monkeypatch, caplog):
@@ -293,7 +296,7 @@ def test_single_class_data_warns_naming_the_label(bag_bundle, tmp_path, caplog, 
     p = Personalizer(bundle, store=tmp_path / "store")
     with caplog.at_level(logging.WARNING, logger="bitfit.sdk"):
         result = p.personalize([(t, "pos") for t in texts], user="ana", **QUIET)
-    expected = "every example is labelled 'pos': the model can only learn to answer 'pos' to everything"
+    expected = "every example is labelled 'pos'"
     assert any(w.startswith(expected) for w in result.warnings)
     assert any(expected in r.getMessage() and "'ana'" in r.getMessage() for r in caplog.records)
     assert result.saved and any(w.startswith(expected) for w in p.store.load("ana").info["warnings"])
@@ -308,17 +311,15 @@ def test_a_small_holdout_warns_that_its_scores_are_rough(numeric_bundle, tmp_pat
     p = Personalizer(numeric_bundle, store=tmp_path / "store")
     result = p.personalize(numeric_data(100, seed=3), user="ana", **QUIET)
     assert result.holdout_examples == 10
-    assert "the holdout has 10 examples: its before/after scores move in steps of 10 points, so read them as rough" \
-        in result.warnings
+    assert any(w.startswith("the holdout has 10 examples") and "rough" in w for w in result.warnings)
     large = p.personalize(numeric_data(200, seed=3), user="bo", **QUIET)
     assert large.holdout_examples == 20 and not any("holdout" in w for w in large.warnings)
 
 
 def test_under_twenty_examples_warns_there_is_no_holdout(numeric_bundle, tmp_path):
     result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize(numeric_data(15, seed=3), user="ana", **QUIET)
-    assert [w for w in result.warnings if w.startswith("no holdout")] == [
-        "no holdout (15 examples): nothing checks that the new delta is better than where the user started, and "
-        "training runs its full length; give 20 or more examples"]
+    (warning,) = [w for w in result.warnings if w.startswith("no holdout")]
+    assert "15 examples" in warning and "20 or more" in warning and "nothing checks" in warning
 
 
 def test_a_rare_class_warns_naming_it(numeric_bundle, tmp_path):
@@ -327,11 +328,33 @@ def test_a_rare_class_warns_naming_it(numeric_bundle, tmp_path):
     keep = np.setdiff1d(np.arange(len(labels)), rare[2:])  # two examples of class 'c' left
     result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize((features[keep], labels[keep]),
                                                                                user="ana", **QUIET)
-    assert "class 'c' has only 2 example(s) (fewer than 3): it can barely be learned; give more examples of it" \
-        in result.warnings
+    assert any(w.startswith("class 'c' has only 2 example(s)") for w in result.warnings)
     assert not any("'a'" in w or "'b'" in w for w in result.warnings)
 
 
 def test_balanced_data_with_a_large_holdout_has_no_warnings(numeric_bundle, tmp_path):
     result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize(numeric_data(300, seed=5), user="ana", **QUIET)
     assert result.warnings == []
+
+
+def test_constant_regression_targets_warn():
+    examples = Examples(labels=np.full(30, 2.5, np.float32))
+    (warning,) = data_warnings("regression", examples, examples.subset(range(25)))
+    assert warning.startswith("every regression target is the same value")
+
+
+def test_a_multilabel_label_never_set_warns_naming_it():
+    labels = np.zeros((30, 3), np.float32)
+    labels[:, 0] = 1.0
+    labels[::2, 2] = 1.0
+    examples = Examples(labels=labels)
+    (warning,) = data_warnings("multilabel", examples, examples.subset(range(25)), label_names=["x", "y", "z"])
+    assert warning.startswith("label(s) 'y' are never set")
+
+
+def test_a_causal_lm_holdout_is_not_called_small_for_its_number_of_texts():
+    """A text holds many tokens, each scored: eight held-out texts are not eight coin flips."""
+    examples = Examples(labels=np.zeros(30, np.int64), token_ids=[[1, 2, 3]] * 30, causal_lm=True)
+    assert data_warnings("causal-lm", examples, examples.subset(range(8))) == []
+    classes = Examples(labels=np.arange(30) % 2)
+    assert data_warnings("classification", classes, classes.subset(range(8)))[0].startswith("the holdout has 8 examples")
