@@ -239,7 +239,12 @@ def test_numeric_model_runs_a_cnn_and_refuses_text(tiny, tmp_path, capsys):
     assert numeric.main([str(tiny / "tiny-cnn"), "--store", str(tmp_path / "s"), "--json"]) == 0
     result = last_json(capsys.readouterr().out)
     assert result["inputs"]["image"] == [192, 3, 8, 8]
-    assert result["holdout_accuracy_after"] >= result["holdout_accuracy_before"]
+    # Personalization must help, by a margin. Measured (2026-12-02, seeded data and bundle, the
+    # default learning rate): 0.297 -> 0.615 (+0.318) on 192 holdout examples; the learning rate
+    # at 0.05 gave 0.656, at 1e-9 0.297 (no change). One binomial standard error of a 192-example
+    # accuracy is at most sqrt(0.25 / 192) = 0.036: the margin 0.1 (~3 of them) is far below the
+    # gain and far above the noise of a change that does nothing.
+    assert result["holdout_accuracy_after"] >= result["holdout_accuracy_before"] + 0.1
     assert numeric.main([str(tiny / "tiny-text"), "--store", str(tmp_path / "t")]) == 2
     assert "use inbox_app.py" in capsys.readouterr().err
 
