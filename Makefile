@@ -42,7 +42,7 @@ rc=0; $(1) || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "make: $(2): pytest collected no tests" >&2; fi; exit $$rc
 endef
 
-.PHONY: install demo test test-device test-device-floor platform-check test-stress bench bench-quick clean
+.PHONY: install demo test test-device test-device-floor platform-check test-stress bench bench-quick quality clean
 
 install: $(STAMP) $(DEVICE_STAMP)
 
@@ -110,6 +110,12 @@ bench: install
 
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --quick
+
+# Per-user accuracy on real data, SDK defaults vs tuned PyTorch (learning rates chosen on tuning
+# users, judged on held-aside ones): a section of BENCHMARKS.md, benchmarks/quality.png and
+# benchmarks/_work/quality.json. Torch results are cached in benchmarks/_work/quality/.
+quality: install
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.quality
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) $(FLOOR_VENV) build *.egg-info .pytest_cache

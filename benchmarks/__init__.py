@@ -18,7 +18,12 @@ dicts, so the test suite can run every one of them on a tiny model:
   newest plain onnxruntime) that repeats the portable step, forward and inference
   measurements there, interleaved with the main process's.
 - ``deltas``: delta size and kept accuracy per encoding, bundle size.
-- ``quality``: holdout accuracy per "user" (tweet domain) for every method.
+- ``quality_sizes``: holdout accuracy per "user" (tweet domain) for every method and number
+  of examples (``make bench``'s quality section).
+- ``quality`` (``python -m benchmarks.quality``, ``make quality``; its own section of
+  ``BENCHMARKS.md``): the SDK's defaults against PyTorch baselines tuned on tuning users,
+  judged on held-aside users, on tweets, SMS and a numeric (non-text) bundle; the users and
+  base models are ``quality_users``.
 - ``diagnostics`` / ``profiles``: ORT profiles (per op type, both backends) and
   optimized-graph op counts that explain the numbers.
 - ``report`` / ``plots``: targets, ``BENCHMARKS.md`` and the PNG plots.

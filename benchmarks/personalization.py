@@ -69,7 +69,7 @@ def personalization_times(
                     "holdout_examples": last.holdout_examples, "stopped_by": last.stopped_by,
                     "seconds_per_step": s["median"] / max(1, last.steps),
                     "accuracy_before": last.accuracy_before, "accuracy_after": last.accuracy_after,
-                    "loss_after": last.loss_after, "kept_epoch": last.kept_epoch,
+                    "loss_after": last.loss_after, "kept": getattr(last, "kept_step", getattr(last, "kept_epoch", None)),
                     "delta_bytes": last.delta_bytes, "encoding": last.encoding,
                     "max_trained_value_diff_between_backends": diff,
                 })

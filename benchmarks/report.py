@@ -732,7 +732,7 @@ def _section_quality(results: dict[str, Any], plots: dict[str, str]) -> list[str
 
 
 def _share(row: dict[str, Any]) -> str:
-    from .quality import gain_fraction
+    from .quality_sizes import gain_fraction
 
     return _pct(gain_fraction(row["sdk-bitfit"], row["torch-full"], row["base"]))
 

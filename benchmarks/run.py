@@ -35,7 +35,7 @@ class Plan:
     model: str = "minilm"
     users: list[str] = field(default_factory=lambda: ["self-driving-cars", "festival", "apple", "airline:united"])
     dev_user: str | None = "airline:jetblue"
-    general_size: int = 2000
+    general_size: int = 1500  # the demo's general slice: 500 tweets per label
     step_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 32), (8, 32), (32, 32), (1, 128), (8, 128), (32, 128)])
     step_repeats: int = 9
     step_warmup: int = 2
@@ -66,7 +66,7 @@ class Plan:
     tune_examples: int = 100
     tune_holdout: int = 300
     profile_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 32), (8, 128)])
-    max_length: int = 128
+    max_length: int = 64  # the demo's (demo.base_model.MAX_LENGTH): the same base model
 
 
 def full_plan() -> Plan:
@@ -114,7 +114,7 @@ def _log(message: str) -> None:
 def run(plan: Plan, *, work_dir: Path, report_path: Path, plots_dir: Path, threads: int, command: str, mode: str,
         corpus: Any = None, pause: float | None = None) -> dict[str, Any]:
     """Run every section of ``plan``; write results.json, the plots and the report."""
-    from . import deltas, diagnostics, inference, memory, personalization, quality, step_time
+    from . import deltas, diagnostics, inference, memory, personalization, quality_sizes, step_time
     from .device_worker import DeviceWorker, device_python
     from .environment import describe, load_average
     from .workspace import prepare, tweet_corpus
@@ -205,16 +205,16 @@ def run(plan: Plan, *, work_dir: Path, report_path: Path, plots_dir: Path, threa
         ws, levels=plan.inference_levels, batches=plan.inference_batches, seq=plan.inference_seq,
         repeats=plan.inference_repeats, switch_repeats=plan.switch_repeats, per_row_repeats=plan.per_row_repeats,
         rebuild_repeats=plan.rebuild_repeats, device=dev)))
-    lrs = dict(quality.DEFAULT_LRS)
+    lrs = dict(quality_sizes.DEFAULT_LRS)
     if plan.tune and plan.dev_user:
-        results["tuning"] = section("tuning", lambda: quality.tune_learning_rates(
+        results["tuning"] = section("tuning", lambda: quality_sizes.tune_learning_rates(
             ws, domain=plan.dev_user, n=plan.tune_examples, holdout_size=plan.tune_holdout, epochs=plan.quality_epochs))
         if results["tuning"]:
             lrs.update(results["tuning"]["chosen"])
     results["deltas"] = section("deltas", lambda: deltas.delta_encodings(
         ws, train_size=plan.delta_train, holdout_size=plan.delta_holdout, epochs=plan.quality_epochs,
         learning_rate=lrs["bitfit"]))
-    results["quality"] = section("quality", lambda: quality.quality(
+    results["quality"] = section("quality", lambda: quality_sizes.quality(
         ws, users=plan.users, sizes=plan.quality_sizes, holdout_size=plan.quality_holdout, epochs=plan.quality_epochs,
         lrs=lrs))
     results["diagnostics"] = section("diagnostics", with_device("diagnostics", lambda dev: {
@@ -268,7 +268,14 @@ def write_outputs(results: dict[str, Any], *, work_dir: Path, report_path: Path,
     if results.get("quality"):
         links["accuracy"] = link(plotting.plot_accuracy(results["quality"]["rows"], plots_dir / "accuracy.png"))
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(render(results, plots=links), encoding="utf-8")
+    text = render(results, plots=links)
+    # `make quality` writes its own section into the same file: keep it.
+    from .quality import BEGIN, END, splice
+
+    old = report_path.read_text(encoding="utf-8") if report_path.is_file() else ""
+    if BEGIN in old and END in old:
+        text = splice(text, BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END)
+    report_path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

