@@ -1,5 +1,6 @@
-"""Crash-safe file replacement for the delta store: a reader sees the old file or the new
-one, never a half-written one, also after a power cut.
+"""The delta store's file I/O: crash-safe replacement (a reader sees the old file or the new
+one, never a half-written one, also after a power cut) and the typed errors of a failed write
+(StoreWriteError) or read (StoreReadError).
 
 Example:
     >>> import tempfile, pathlib
@@ -18,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import StoreWriteError
+from .errors import StoreReadError, StoreWriteError
 
 # Temporary files start with this; the store removes such leftovers of a crash.
 TEMP_PREFIX = ".tmp-"
@@ -77,6 +78,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def read_error(path: str | os.PathLike, err: OSError) -> StoreReadError:
+    """The StoreReadError for a file or directory that exists but cannot be read.
+
+    Why a type of its own: a file that cannot be read is neither missing nor damaged, and
+    treating it as either would make the store recover to an older version (a rollback undone).
+
+    Example:
+        >>> try:
+        ...     open(tempfile.gettempdir(), "rb")                    # a directory: IsADirectoryError
+        ... except OSError as err:
+        ...     print(read_error(tempfile.gettempdir(), err))
+        could not read /...: Is a directory; check that this process may read it (permissions, owner, the disk), then try again. Nothing was treated as missing and no delta was changed
+    """
+    out = StoreReadError(
+        f"could not read {path}: {err.strerror or err}; check that this process may read it (permissions, owner, the "
+        "disk), then try again. Nothing was treated as missing and no delta was changed"
+    )
+    out.errno = err.errno
+    return out
+
+
 def _write_error(path: Path, err: OSError) -> StoreWriteError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "the disk is full; free some space"
@@ -89,4 +111,4 @@ def _write_error(path: Path, err: OSError) -> StoreWriteError:
     return out
 
 
-__all__ = ["write_file_atomic", "TEMP_PREFIX"]
+__all__ = ["write_file_atomic", "read_error", "TEMP_PREFIX"]

@@ -37,7 +37,7 @@ from typing import Any, Literal, Mapping, get_args
 
 import numpy as np
 
-from .atomic_files import write_file_atomic
+from .atomic_files import read_error, write_file_atomic
 from .errors import (
     DecryptionError,
     DeltaCorruptError,
@@ -359,8 +359,8 @@ def load_delta(path: str | os.PathLike, *, key: bytes | None = None, context: by
 
     Raises:
         DeltaNotFoundError: there is no file at ``path``.
-        DeltaCorruptError: the file cannot be read or is not a valid delta (the message
-            starts with the path).
+        StoreReadError: the file exists but cannot be read (permissions, a directory, I/O).
+        DeltaCorruptError: the file is not a valid delta (the message starts with the path).
 
     Example:
         >>> import numpy as np, tempfile, pathlib
@@ -375,9 +375,8 @@ def load_delta(path: str | os.PathLike, *, key: bytes | None = None, context: by
             data = f.read(MAX_DELTA_BYTES + 1)
     except FileNotFoundError as err:
         raise DeltaNotFoundError(f"no delta file at {path}") from err
-    except OSError as err:
-        why = err.strerror or err
-        raise DeltaCorruptError(f"{path}: cannot read the delta file ({why}); check its permissions") from err
+    except OSError as err:  # exists but unreadable: not damaged, and not missing
+        raise read_error(path, err) from err
     if len(data) > MAX_DELTA_BYTES:
         raise DeltaCorruptError(f"{path}: larger than {MAX_DELTA_BYTES} bytes, not a bias delta")
     try:

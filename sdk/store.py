@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomic_files import TEMP_PREFIX, write_file_atomic
+from .atomic_files import TEMP_PREFIX, read_error, write_file_atomic
 from .delta import Delta, encode_delta, load_delta, validate_key
 from .errors import (
     DeltaCorruptError,
@@ -41,7 +41,6 @@ from .errors import (
     InvalidUserDataError,
     MissingDependencyError,
     StoreBusyError,
-    StoreReadError,
     StoreWriteError,
 )
 
@@ -209,14 +208,9 @@ class DeltaStore:
 
     def _load(self, directory: Path, version: int) -> Delta:
         path = directory / _version_name(version)
-        try:
-            return load_delta(path, key=self._key, context=_context(directory, version))
-        except DeltaCorruptError as err:
-            # load_delta reports a file it cannot open as corrupt (chaining the OSError); to the store
-            # that is a read error: recovery must not skip it as damaged and serve an older version.
-            if isinstance(err.__cause__, OSError) and not isinstance(err.__cause__, FileNotFoundError):
-                raise _read_error(path, err.__cause__) from err.__cause__
-            raise
+        # A file that exists but cannot be read is StoreReadError, not DeltaCorruptError: recovery
+        # skips only damaged files, never one it could not read (an older version would come back).
+        return load_delta(path, key=self._key, context=_context(directory, version))
 
     def current_version(self, user: str) -> int | None:
         """The current version of ``user``, or None if there is none.
@@ -565,7 +559,7 @@ def _read_if_present(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise _read_error(path, err) from err
+        raise read_error(path, err) from err
 
 
 def _read_head(directory: Path) -> tuple[int | None, int] | None:
@@ -615,7 +609,7 @@ def _holds(held: os.stat_result, lock_path: Path) -> bool:
     except FileNotFoundError:
         return False
     except OSError as err:
-        raise _read_error(lock_path, err) from err
+        raise read_error(lock_path, err) from err
     return os.path.samestat(held, on_disk)
 
 
@@ -631,13 +625,4 @@ def _list_dir(directory: Path) -> list[os.DirEntry] | None:
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise _read_error(directory, err) from err
-
-
-def _read_error(path: Path, err: OSError) -> StoreReadError:
-    out = StoreReadError(
-        f"could not read {path}: {err.strerror or err}; check that this process may read the store "
-        "(permissions, owner, the disk), then try again. Nothing was treated as missing and no delta was changed"
-    )
-    out.errno = err.errno
-    return out
+        raise read_error(directory, err) from err

@@ -42,6 +42,7 @@ from bitfit.sdk.errors import (
     DeltaNotFoundError,
     InvalidArgumentError,
     MissingDependencyError,
+    StoreReadError,
     StoreWriteError,
     TrainingDivergedError,
 )
@@ -753,7 +754,7 @@ def test_save_and_load_files(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["u.delta"]
     with pytest.raises(DeltaNotFoundError):
         load_delta(tmp_path / "missing.delta")
-    with pytest.raises(DeltaCorruptError, match="cannot read"):
+    with pytest.raises(StoreReadError, match=f"could not read {tmp_path}: Is a directory"):  # unreadable, not damaged
         load_delta(tmp_path)
     path.write_bytes(b"garbage")
     with pytest.raises(DeltaCorruptError, match="u.delta"):
