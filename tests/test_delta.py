@@ -605,7 +605,7 @@ def test_a_header_with_a_repeated_key_is_refused():
 
 
 def test_non_bytes_input_is_corrupt():
-    with pytest.raises(DeltaCorruptError):
+    with pytest.raises(DeltaCorruptError, match="content must be bytes, got str"):
         decode_delta("not bytes")  # type: ignore[arg-type]
 
 
@@ -719,11 +719,14 @@ def test_plain_file_with_key_is_refused_and_encrypted_without_key_too():
         decode_delta(encode_delta(small_delta(), key=KEY))
 
 
-@pytest.mark.parametrize("key", [b"short", bytes(33), "a" * 32, 123])
-def test_bad_keys_are_refused(key):
-    with pytest.raises(InvalidArgumentError):
+@pytest.mark.parametrize("key, match", [
+    (b"short", "must be 16, 24 or 32 bytes .*got 5"), (bytes(33), "got 33"),
+    ("a" * 32, "key must be bytes .*got str"), (123, "key must be bytes .*got int"),
+])
+def test_bad_keys_are_refused(key, match):
+    with pytest.raises(InvalidArgumentError, match=match):
         encode_delta(small_delta(), key=key)
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError, match=match):
         validate_key(key)
 
 
