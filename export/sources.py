@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
@@ -529,7 +529,7 @@ def from_hf_dir(
     loader = {"text-classification": AutoModelForSequenceClassification, "token-classification": AutoModelForTokenClassification,
               "feature-extraction": AutoModel}.get(task)
     if loader is None:
-        raise ExportError(f"unknown Hugging Face task {task!r}: use text-classification, token-classification or feature-extraction")
+        raise ExportError(f"unknown Hugging Face task {task!r}: use one of {', '.join(get_args(HFTask))}")
     kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": "eager"}
     if task == "feature-extraction" and config.model_type == "bert":
         kwargs["add_pooling_layer"] = False
