@@ -121,10 +121,7 @@ class PortableTrainingSession:
         self._eval_outputs = [LOSS_OUTPUT, manifest.logits_output]
         self._optimizer_outputs = [o.name for o in self._optimizer.get_outputs()]
         self._adamw = manifest.optimizer == "adamw"
-        # Class-index labels beyond the classes are no error inside the graph (OneHot gives
-        # zeros and ORT's loss kernel does not check them: a wrong loss, silently), so they
-        # are refused before a run.
-        self._classes = _label_classes(manifest)
+        self._classes = _label_classes(manifest)  # labels beyond them are refused before a run
 
         base = bundle.trainable_base()
         self._values = {name: np.ascontiguousarray(base[name], np.float32).reshape(self._shapes[name]) for name in self.trainable}

@@ -175,7 +175,10 @@ class OrtTrainingSession:
         order = manifest.source.get("parameter_order")
         if not order:
             raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
-        self._fill_parameters(order, dict(start or {}))
+        # Checked first: a mis-sized start value would otherwise surface as "the weights file does
+        # not match" (the bundle blamed for the caller's array), an unknown name be ignored.
+        checked = _checked_trainable_values(start or {}, {t.name: tuple(t.shape) for t in manifest.trainable})
+        self._fill_parameters(order, checked)
         # The optimizer must be created after the parameters hold data: built on a nominal
         # (shapes-only) state, its set_learning_rate segfaults in ORT 1.19.2.
         try:

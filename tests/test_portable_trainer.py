@@ -658,6 +658,22 @@ def test_both_backends_refuse_the_same_arguments_with_the_same_message(numeric_b
 
 
 @needs_ort_training
+@pytest.mark.parametrize("start, match", [
+    ({"4.bias": np.zeros(4)}, r"value for '4.bias' has 4 elements, the tensor has shape \[3\]"),
+    ({"nope.bias": np.zeros(3)}, r"\['nope.bias'\] are not trainable tensors"),
+])
+def test_both_backends_refuse_a_bad_start_alike(numeric_bundle: Path, start, match) -> None:
+    """Not "the weights file does not match" (the bundle blamed for the caller's array), not ignored."""
+    bundle = Bundle.open(numeric_bundle)
+    messages = set()
+    for backend in ("ort-training", "portable"):
+        with pytest.raises(InvalidArgumentError, match=match) as err:
+            open_training_session(bundle, backend=backend, start=start)
+        messages.add(str(err.value))
+    assert len(messages) == 1, messages
+
+
+@needs_ort_training
 def test_default_learning_rate_is_the_training_api_default(numeric_bundle: Path) -> None:
     bundle = Bundle.open(numeric_bundle)
     sessions = [open_training_session(bundle, backend=b) for b in ("ort-training", "portable")]
