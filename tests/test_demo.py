@@ -3,7 +3,16 @@ two users (~1 minute)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# demo/ sits beside the library, not in the installed package: importable from the repo root
+# (`python -m pytest` puts the working directory on sys.path; the `pytest` script does not).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.mark.integration
