@@ -23,7 +23,7 @@ def trained(text_bundle, tmp_path_factory):
     p = Personalizer(text_bundle, store=tmp_path_factory.mktemp("store"))
     base = p.predict(PROBES)
     alice = p.personalize(text_data(48), user="alice", holdout=0.25, **QUICK)
-    bob = p.personalize(text_data(24, seed=3), user="bob", max_steps=2, **{**QUICK, "learning_rate": 3e-3})
+    bob = p.personalize(text_data(24, seed=3), user="bob", max_steps=2, holdout=0.0, **{**QUICK, "learning_rate": 3e-3})
     return p, base, alice, bob
 
 
@@ -99,7 +99,7 @@ def test_numeric_bundle_learns_a_users_habit(tiny_mlp_bundle, tmp_path):
 def test_numeric_per_row_users_equal_per_user_calls(numeric_bundle, tmp_path):
     p = Personalizer(numeric_bundle, store=tmp_path)
     features, labels = numeric_data(40)
-    p.personalize({"features": features, "labels": labels}, user="u", max_steps=4, learning_rate=3e-2,
+    p.personalize({"features": features, "labels": labels}, user="u", max_steps=4, learning_rate=3e-2, holdout=0.0,
                   progress_bar=False)
     users = ["u", None] * 3
     mixed = p.predict({"features": features[:6]}, user=users).logits
@@ -107,6 +107,26 @@ def test_numeric_per_row_users_equal_per_user_calls(numeric_bundle, tmp_path):
     assert np.abs(single["u"] - single[None]).max() > 1e-4
     for row, user in enumerate(users):
         np.testing.assert_allclose(mixed[row], single[user][row], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("user, kind", [("critic", "numeric"), ("optimist", "text")])
+def test_the_defaults_learn_a_habit_on_small_models(tiny_mlp_bundle, tiny_text_bundle, tmp_path, user, kind):
+    """No option given: the SDK's own plan must work for small models (numeric and text), not
+    only for MiniLM. Held-out accuracy must rise well above the base's."""
+    if kind == "numeric":
+        p = Personalizer(tiny_mlp_bundle, store=tmp_path)
+        manifest = p.bundle.manifest
+        train, test = user_examples(manifest, user, 200, seed=0), user_examples(manifest, user, 300, seed=1)
+        test = (test, test.pop("labels"))
+    else:
+        p = Personalizer(tiny_text_bundle, store=tmp_path)
+        train, test = message_stream(user, 150, seed=0), message_stream(user, 100, seed=1)
+    base_accuracy = p.evaluate(test)["accuracy"]
+    r = p.personalize(train, user=user, progress_bar=False)
+    after = p.evaluate(test, user=user)["accuracy"]
+    print(f"{kind} {user} with the defaults: {base_accuracy:.3f} -> {after:.3f} ({r.steps} steps, lr {r.learning_rate:g})")
+    assert r.saved and r.metrics_after["loss"] < r.metrics_before["loss"]
+    assert after >= max(0.85, base_accuracy + 0.15), (base_accuracy, after)
 
 
 def test_tiny_text_bundle_learns_an_optimists_habit(tiny_text_bundle, tmp_path):

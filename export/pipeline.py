@@ -32,6 +32,7 @@ from bitfit.sdk.bundle import (
 )
 from bitfit.sdk.errors import BackendUnavailableError, ExportError, PolicyError
 from bitfit.sdk.runtime import has_training_api
+from bitfit.sdk.training_plan import learning_rate_for_size
 
 from . import sources
 from .artifacts import LABEL_INPUT, generate_training_artifacts, loss_for
@@ -46,14 +47,6 @@ from .validate import validate_bundle
 log = logging.getLogger("bitfit.export")
 BITFIT_VERSION = "0.2.0"
 OrtTrainingArtifacts = Literal["auto", "required", "never"]
-# The learning rate a bundle records for personalize (manifest.training_defaults) when
-# export_bundle is not given one, by the model's size: pretrained-size models want a small
-# rate (2e-3 was tuned on the built-in MiniLM, 22.6M values: README demo), small models a
-# larger one (measured on the tests' tiny BERT, 21k values, and MLP, 467 values: see
-# docs/bundle-format.md, "training_defaults").
-LARGE_MODEL_VALUES = 1_000_000
-LARGE_MODEL_LEARNING_RATE = 2e-3
-SMALL_MODEL_LEARNING_RATE = 1e-2
 NO_TRAINING_API = (
     "onnxruntime-training was not installed where this bundle was exported (plain onnxruntime has no "
     "gradient builder); export with `pip install 'bitfit[export,ort-training]'` for these artifacts"
@@ -428,13 +421,15 @@ def _log_summary(out_dir: Path, manifest: Manifest, chosen: _TrainableChoice, pl
 
 
 def default_learning_rate(total_values: int) -> float:
-    """The learning rate a bundle records when ``export_bundle`` is given none, by model size.
+    """The learning rate a bundle records when ``export_bundle`` is given none: the peak the
+    SDK's schedule uses, by the model's size (``bitfit.sdk.training_plan.learning_rate_for_size``:
+    measured best at 0.1 for 3 k-value models and 2e-3 for MiniLM's 22.6 M; docs/personalize.md).
 
     Example:
         >>> default_learning_rate(22_566_531), default_learning_rate(467)
-        (0.002, 0.01)
+        (0.002, 0.1)
     """
-    return LARGE_MODEL_LEARNING_RATE if total_values >= LARGE_MODEL_VALUES else SMALL_MODEL_LEARNING_RATE
+    return learning_rate_for_size(total_values)
 
 
 def _text_spec_for(model: onnx.ModelProto, max_length: int) -> TextSpec:

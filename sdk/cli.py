@@ -4,7 +4,7 @@
     bitfit personalize BUNDLE --user U --data FILE [--store DIR] [--key-file F] [--providers cpu|cuda|auto]
                        [--epochs N] [--learning-rate LR] [--patience N|off] [--backend auto|portable|ort-training] ...
     bitfit predict BUNDLE [--user U] [--store DIR] [--key-file F] [--providers P] TEXT...
-    bitfit deltas STORE {list,show,rollback,rm} [--user U] [--version N] [--key-file F]
+    bitfit deltas STORE ACTION ...   list | show | rollback | rm | inspect | compare | combine | to-torch | to-hf | to-peft | import
     bitfit info BUNDLE
 
 ``export`` imports ``bitfit.export`` (torch) lazily; the device commands never do. The demo story
@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--ort-training", default="auto", choices=["auto", "required", "never"],
                     help="onnxruntime-training 1.19.2 artifacts beside the portable model: where installed (auto), "
                          "demanded (required), or not (never)")
+    ex.add_argument("--add-biases",
+                    help="linear | norms | all | REGEX: add zero-initialised trainable biases where a bias-free model "
+                         "has none (docs/deltas.md)")
+    ex.add_argument("--learning-rate", type=float,
+                    help="the bundle's default peak learning rate for personalize (default: chosen by model size)")
     ex.add_argument("--overwrite", action="store_true")
 
     pe = sub.add_parser("personalize", help="train a user's biases on their examples and save a delta")
@@ -156,7 +161,8 @@ def _export(args: argparse.Namespace) -> int:
         args.model, args.out, labels=args.labels.split(",") if args.labels else None, policy=args.policy,
         include=args.include or None, exclude=args.exclude or None, task=args.task, hf_task=args.hf_task,
         loss=args.loss, optimizer=args.optimizer, max_length=args.max_length, ort_format=args.ort_format,
-        ort_training=args.ort_training, overwrite=args.overwrite, verbose=True,
+        ort_training=args.ort_training, add_biases=args.add_biases, learning_rate=args.learning_rate,
+        overwrite=args.overwrite, verbose=True,
     )
     _print_info(bundle)
     return 0
@@ -191,8 +197,15 @@ def _info(args: argparse.Namespace) -> int:
 
 def _personalize(args: argparse.Namespace) -> int:
     from .personalizer import Personalizer
+    from .bundle import Bundle
 
-    p = Personalizer(args.bundle, args.store, providers=_providers(args), threads=args.threads, backend=args.backend,
+    bundle = Bundle.open(args.bundle, verify=args.verify)
+    if bundle.manifest.text is None:
+        raise InvalidArgumentError(
+            f"{args.bundle} takes numeric inputs, which a data file cannot carry: use the Python API, "
+            "Personalizer(bundle).personalize((features, labels), user=...)"
+        )
+    p = Personalizer(bundle, args.store, providers=_providers(args), threads=args.threads, backend=args.backend,
                      key=_key(args), verify=args.verify)
     r = p.personalize(
         args.data, user=args.user, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -205,7 +218,11 @@ def _personalize(args: argparse.Namespace) -> int:
           f"(stopped by {r.stopped_by}, backend {r.backend}, learning rate {r.learning_rate:g}"
           f"{', retried at a lower rate' if r.retried else ''})")
     if r.metrics_before:
-        shown = [k for k in r.metrics_before if not k.startswith("f1/")][:4]
+        from .metrics import primary_metric
+
+        lead = primary_metric(p.bundle.manifest.task)
+        shown = list(dict.fromkeys([lead, "loss", *(k for k in r.metrics_before if not k.startswith("f1/") and k != "tokens")]))
+        shown = [k for k in shown if k in r.metrics_before][:4]
         print(f"  holdout ({r.holdout_examples}): " + ", ".join(
             f"{k} {r.metrics_before[k]:.3f} -> {r.metrics_after.get(k, float('nan')):.3f}" for k in shown))
     for text in r.warnings:
@@ -222,6 +239,10 @@ def _predict(args: argparse.Namespace) -> int:
     for text, label, probs in zip(args.texts, result.labels, result.probabilities):
         if args.json:
             print(json.dumps({"text": text, "label": label, "probabilities": [round(float(x), 5) for x in probs.ravel()]}))
+        elif probs.ndim >= 2:  # one output per token: the label of each token
+            print(f"{json.dumps(label)}\t{text}")
+        elif isinstance(label, list):  # multi-label: every label above p = 0.5
+            print(f"{','.join(map(str, label)) or '-'}\t{text}")
         else:
             print(f"{label}\t{float(probs.max()):.3f}\t{text}")
     for user, why in result.fallbacks.items():

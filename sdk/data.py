@@ -470,7 +470,8 @@ def as_feature_dict(features: Any, manifest: Manifest) -> dict[str, Any]:
 def _array_examples(user_data: Any, manifest: Manifest, max_examples: int, vocab_size: int | None = None) -> Examples:
     if isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], Mapping):
         features, labels = dict(user_data[0]), user_data[1]
-    elif isinstance(user_data, tuple) and len(user_data) == 2 and _is_bare_array(user_data[0]):
+    elif isinstance(user_data, tuple) and len(user_data) == 2 and isinstance(user_data[0], (np.ndarray, list)):
+        # (rows, labels) for a one-input bundle: rows as an array or a list, as predict takes them
         features, labels = as_feature_dict(user_data[0], manifest), user_data[1]
     elif isinstance(user_data, Mapping):
         features = {k: v for k, v in user_data.items() if k != "labels"}

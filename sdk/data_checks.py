@@ -22,11 +22,13 @@ import numpy as np
 
 from .bundle import Task
 from .data import Examples
+from .training_plan import MIN_HOLDOUT_DATA
 
 MIN_PER_CLASS = 3
 """Fewer examples than this of a class the data has: that class is barely learnable."""
 MIN_MEANINGFUL_HOLDOUT = 20
 """A holdout smaller than this moves in steps of more than 5 points of accuracy."""
+
 
 
 def data_warnings(task: Task, examples: Examples, held: Examples, *, label_names: Sequence[str] | None = None) -> list[str]:
@@ -60,11 +62,14 @@ def data_warnings(task: Task, examples: Examples, held: Examples, *, label_names
             found.append(f"label(s) {', '.join(name(int(i)) for i in never[:5])} are never set in the data: "
                          "the model learns to never predict them")
     if len(held) == 0:
-        found.append(f"no holdout ({len(examples)} examples): nothing checks that the new delta is better than where "
-                     "the user started, and training runs its full length; give 20 or more examples")
+        why = (f"{len(examples)} examples are too few to hold any out; give {MIN_HOLDOUT_DATA} or more"
+               if len(examples) < MIN_HOLDOUT_DATA else "holdout=0 was asked for")
+        found.append(f"no holdout ({why}): nothing checks that the new delta is better than where the user started, "
+                     "and training runs its full length")
     elif len(held) < MIN_MEANINGFUL_HOLDOUT and not examples.causal_lm:
-        found.append(f"the holdout has {len(held)} examples: its before/after scores move in steps of "
-                     f"{100 / len(held):.0f} points, so read them as rough")
+        steps = (f"its before/after accuracy moves in steps of {100 / len(held):.0f} points"
+                 if task == "classification" else "its before/after scores are noisy")
+        found.append(f"the holdout has {len(held)} examples: {steps}, so read them as rough")
     return found
 
 

@@ -39,15 +39,15 @@ from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
 from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTrainingSession, open_training_session
 from .training_loop import LoopOutcome, StopReason, run_training
-from .training_plan import Schedule, TrainingPlan, plan_training
+from .training_plan import Schedule, TrainingPlan, learning_rate_for_size, plan_training
 
 log = logging.getLogger("bitfit.sdk")
 
 RETRY_FACTOR = 0.25
 """The learning rate of the second run, relative to the first, when the first did not help."""
 DEFAULT_LEARNING_RATE = 2e-3
-"""The learning rate for a bundle whose manifest has no ``training_defaults.learning_rate``
-(bundles exported before that field): the value tuned for the built-in MiniLM."""
+"""The learning rate for a bundle whose manifest has neither ``training_defaults.learning_rate``
+nor the model's size (``policy.total_values``): the value tuned for the built-in MiniLM."""
 ProgressCallback = Callable[["Progress"], None]
 
 
@@ -291,12 +291,13 @@ class Personalizer:
             (True, 0.61, 0.78, 51812)
         """
         manifest = self.bundle.manifest
-        rate, rate_from = _learning_rate(learning_rate, manifest.training_defaults)
+        rate, rate_from = _learning_rate(learning_rate, manifest)
         _check_options(user, epochs, rate, batch_size, max_steps, max_seconds, patience, encoding, holdout, schedule)
         started = time.perf_counter()
         examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
         plan = plan_training(len(examples), learning_rate=rate, learning_rate_from=rate_from, epochs=epochs,
-                             batch_size=batch_size, holdout=holdout, schedule=schedule, max_steps=max_steps)
+                             batch_size=batch_size, holdout=holdout, schedule=schedule, max_steps=max_steps,
+                             model_values=manifest.policy.get("total_values") if isinstance(manifest.policy, dict) else None)
         rng = np.random.default_rng(seed)
         classes = examples.labels if manifest.loss == "cross-entropy" else None
         train_index, holdout_index = split_holdout(len(examples), plan.holdout, rng, labels=classes)
@@ -309,16 +310,24 @@ class Personalizer:
 
         bar = _progress_bar(plan.steps, user, progress_bar)
         try:
-            outcome, session = self._train(plan, train, held, start_values, rng, started, user, patience, max_seconds,
-                                           bar, progress, examples)
             retried = False
-            if len(held) and not outcome.improved and rate_from != "argument" and outcome.stopped_by != "max_seconds":
-                # The holdout says this run did not help: one more at a lower rate before giving up.
-                log.info("user %r: no checkpoint beat the start at learning rate %g; retrying at %g", user,
-                         plan.learning_rate, plan.learning_rate * RETRY_FACTOR)
+            try:
+                outcome, session = self._train(plan, train, held, start_values, rng, started, user, patience, max_seconds,
+                                               bar, progress, examples)
+            except TrainingDivergedError as err:
+                if rate_from == "argument":
+                    raise
+                log.info("user %r: %s; retrying at %g", user, err, plan.learning_rate * RETRY_FACTOR)
+                outcome, session = None, None
+            if outcome is None or (len(held) and not outcome.improved and rate_from != "argument"
+                                   and outcome.stopped_by != "max_seconds"):
+                # The first run diverged or the holdout says it did not help: one more at a lower rate.
+                why = "diverged" if outcome is None else "did not beat the start on the holdout"
+                log.info("user %r: the run at learning rate %g %s; retrying at %g", user, plan.learning_rate, why,
+                         plan.learning_rate * RETRY_FACTOR)
                 plan = dataclasses.replace(plan, learning_rate=plan.learning_rate * RETRY_FACTOR, reasons={
                     **plan.reasons, "learning_rate": plan.reasons["learning_rate"] + f"; x{RETRY_FACTOR:g} after a first "
-                    "run that did not beat the start on the holdout"})
+                    f"run that {why}"})
                 outcome, session = self._train(plan, train, held, start_values, np.random.default_rng(seed + 1), started,
                                                user, patience, max_seconds, bar, progress, examples)
                 retried = True
@@ -505,12 +514,15 @@ def _progress_bar(total: int, user: str, wanted: bool | None):
     return tqdm(total=total, desc=f"personalize {user}", unit="step", leave=False)
 
 
-def _learning_rate(given: Any, defaults: dict[str, Any]) -> tuple[Any, str]:
-    """The learning rate to train with and where it came from: the argument, the bundle, or the default."""
+def _learning_rate(given: Any, manifest: Any) -> tuple[Any, str]:
+    """The peak learning rate and where it came from: the argument, the bundle, or the model's size."""
     if given is not None:
         return given, "argument"
-    if "learning_rate" in defaults:
-        return defaults["learning_rate"], "bundle"
+    if "learning_rate" in manifest.training_defaults:
+        return manifest.training_defaults["learning_rate"], "bundle"
+    total = manifest.policy.get("total_values") if isinstance(manifest.policy, dict) else None
+    if isinstance(total, int) and total > 0:
+        return learning_rate_for_size(total), "model size"
     return DEFAULT_LEARNING_RATE, "default"
 
 

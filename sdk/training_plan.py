@@ -9,8 +9,9 @@ user, so the SDK chooses, and says why (the plan goes into the result and the de
   checkpoint to keep and guards against harm: a delta the holdout scores worse than the
   starting point is never saved.
 - **length**: a step budget, not a fixed epoch count: ``EPOCHS`` passes over the training
-  examples, but at least ``MIN_STEPS`` steps (tiny data sets need many passes) and at most
-  ``MAX_STEPS`` (large ones need fewer).
+  examples (``SMALL_MODEL_EPOCHS`` for a model under ``SMALL_MODEL_VALUES`` values, whose
+  steps are cheap), but at least ``MIN_STEPS`` steps (tiny data sets need many passes) and at
+  most ``MAX_STEPS`` (large ones need fewer).
 - **learning rate**: the bundle's (``training_defaults``, chosen at export for the model's
   size) as the peak of a schedule: linear warm-up over ``WARMUP_FRACTION`` of the steps, then
   linear decay to zero, which makes the result far less sensitive to the peak's exact value.
@@ -19,11 +20,11 @@ user, so the SDK chooses, and says why (the plan goes into the result and the de
 Every choice can be overridden by the caller; a given value is used as given.
 
 Example:
-    >>> plan = plan_training(150, learning_rate=2e-3)
+    >>> plan = plan_training(150, learning_rate=4e-3)
     >>> plan.holdout, plan.batch_size, plan.steps, plan.warmup_steps
-    (15, 16, 45, 4)
-    >>> round(plan.learning_rate_at(0), 6), round(plan.learning_rate_at(4), 6), plan.learning_rate_at(45)
-    (0.0004, 0.002, 0.0)
+    (15, 16, 30, 3)
+    >>> round(plan.learning_rate_at(0), 6), round(plan.learning_rate_at(3), 6), plan.learning_rate_at(30)
+    (0.001, 0.004, 0.0)
     >>> plan_training(12, learning_rate=1e-2).holdout                  # too few to hold any out
     0
 """
@@ -38,7 +39,12 @@ Schedule = Literal["warmup-linear", "constant"]
 """``warmup-linear``: linear warm-up, then linear decay to zero (the default); ``constant``."""
 
 BATCH_SIZE = 16
-EPOCHS = 5
+EPOCHS = 3
+"""Passes over the training examples for a pretrained-size model (>= ``SMALL_MODEL_VALUES``)."""
+SMALL_MODEL_EPOCHS = 5
+"""Passes for a small model: its steps cost little, and 3 passes left a 3 k-value text model
+16 points short of 5 (tools/tune_defaults.py, the device suite's tiny bundles)."""
+SMALL_MODEL_VALUES = 1_000_000
 MIN_STEPS = 30
 MAX_STEPS = 400
 WARMUP_FRACTION = 0.1
@@ -48,6 +54,34 @@ MIN_HOLDOUT = 8
 MAX_HOLDOUT = 40
 EVALUATIONS = 6
 """About how many times the holdout is scored during training (checkpoints to choose from)."""
+
+
+SMALL_MODEL = (3_000, 0.1)
+"""(total parameter values, peak learning rate) measured best for small models (tools/tune_defaults.py)."""
+LARGE_MODEL = (22_566_531, 4e-3)
+"""The same for MiniLM-L6 (22.6 M values) on the per-domain tweet users."""
+MIN_LEARNING_RATE = 5e-4
+
+
+def learning_rate_for_size(total_values: int) -> float:
+    """The peak learning rate for a model of ``total_values`` parameter values: geometric
+    interpolation between the two measured anchors (``SMALL_MODEL``, ``LARGE_MODEL``), held at
+    the small anchor below it and following the same slope above the large one (down to
+    ``MIN_LEARNING_RATE``). Bias-only training of a small model needs far larger steps: the
+    best peak measured for a 3 k-value model was 25x MiniLM's.
+
+    Example:
+        >>> learning_rate_for_size(1_443), learning_rate_for_size(22_566_531)
+        (0.1, 0.004)
+        >>> learning_rate_for_size(260_000)
+        0.02
+    """
+    (small_n, small_lr), (large_n, large_lr) = SMALL_MODEL, LARGE_MODEL
+    if total_values <= small_n:
+        return small_lr
+    slope = math.log(large_lr / small_lr) / math.log(large_n / small_n)
+    value = small_lr * (total_values / small_n) ** slope
+    return float(max(MIN_LEARNING_RATE, round(value, 2 - int(math.floor(math.log10(value))))))  # 3 significant digits
 
 
 @dataclass(frozen=True)
@@ -116,15 +150,19 @@ def plan_training(
     holdout: float | None = None,
     schedule: Schedule = "warmup-linear",
     max_steps: int | None = None,
+    model_values: int | None = None,
 ) -> TrainingPlan:
     """The plan for ``examples`` (after de-duplication), with the caller's overrides applied.
 
     ``holdout`` is a fraction in [0, 1) (None: chosen as described in the module docstring);
     ``epochs`` fixes the length (None: the step budget); ``max_steps`` caps it either way.
+    ``model_values`` (the model's parameter count, from the manifest) picks the passes.
 
     Example:
-        >>> plan_training(2000, learning_rate=2e-3).steps                 # capped for large data
+        >>> plan_training(5000, learning_rate=2e-3).steps                 # capped for large data
         400
+        >>> plan_training(150, learning_rate=0.1, model_values=3_203).steps  # a small model: 5 passes
+        45
         >>> plan_training(8, learning_rate=2e-3).steps                    # many passes for tiny data
         30
     """
@@ -151,8 +189,11 @@ def plan_training(
         reasons["batch_size"] = "given"
     per_epoch = -(-train // batch_size)
     if epochs is None:
-        steps = min(MAX_STEPS, max(MIN_STEPS, EPOCHS * per_epoch))
-        reasons["steps"] = f"{EPOCHS} epochs of {per_epoch} steps, within [{MIN_STEPS}, {MAX_STEPS}]"
+        small = model_values is not None and model_values < SMALL_MODEL_VALUES
+        passes = SMALL_MODEL_EPOCHS if small else EPOCHS
+        steps = min(MAX_STEPS, max(MIN_STEPS, passes * per_epoch))
+        reasons["steps"] = (f"{passes} epochs of {per_epoch} steps, within [{MIN_STEPS}, {MAX_STEPS}]"
+                            + (" (a small model)" if small else ""))
     else:
         steps = epochs * per_epoch
         reasons["steps"] = f"epochs={epochs} given: {epochs} x {per_epoch} steps"
@@ -169,5 +210,5 @@ def plan_training(
     )
 
 
-__all__ = ["Schedule", "TrainingPlan", "plan_training", "BATCH_SIZE", "EPOCHS", "MIN_STEPS", "MAX_STEPS",
-           "WARMUP_FRACTION", "HOLDOUT_FRACTION", "MIN_HOLDOUT_DATA", "MIN_HOLDOUT", "MAX_HOLDOUT", "EVALUATIONS"]
+__all__ = ["Schedule", "TrainingPlan", "plan_training", "learning_rate_for_size", "SMALL_MODEL", "LARGE_MODEL", "BATCH_SIZE", "EPOCHS", "MIN_STEPS", "MAX_STEPS",
+           "SMALL_MODEL_EPOCHS", "SMALL_MODEL_VALUES", "WARMUP_FRACTION", "HOLDOUT_FRACTION", "MIN_HOLDOUT_DATA", "MIN_HOLDOUT", "MAX_HOLDOUT", "EVALUATIONS"]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from bitfit.sdk import DeltaStore
+from bitfit.sdk.bundle import Bundle
 from bitfit.sdk.cli import main
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
@@ -29,14 +30,14 @@ def test_personalize_predict_and_manage_deltas(text_bundle, data_file, tmp_path,
     code, out, _ = run(capsys, "personalize", text_bundle, "--user", "alice", "--data", data_file, "--store", store,
                        "--epochs", "1")
     assert code == 0
-    assert "user alice: version 1" in out and "(fp16)" in out and "stopped by epochs" in out
+    assert "user alice: version 1" in out and "(fp16)" in out and "stopped by steps" in out
     assert "holdout (" in out and "accuracy" in out
     assert DeltaStore(store).current_version("alice") == 1
 
     code, out, _ = run(capsys, "personalize", text_bundle, "--user", "alice", "--data", data_file, "--store", store,
                        "--epochs", "4", "--learning-rate", "0.01", "--batch-size", "8", "--encoding", "fp32",
                        "--seed", "3", "--threads", "1", "--max-steps", "12")
-    assert code == 0 and "version 2" in out and "(fp32)" in out and "12 steps" in out and "max_steps" in out
+    assert code == 0 and "version 2" in out and "(fp32)" in out and "12 steps" in out and "stopped by steps" in out
     assert DeltaStore(store).load("alice").info["seed"] == 3
 
     code, out, err = run(capsys, "predict", text_bundle, "--user", "alice", "--store", store, *PROBES)
@@ -166,12 +167,13 @@ def test_patience_learning_rate_and_providers_options(text_bundle, data_file, tm
     store = tmp_path / "store"
     code, out, _ = run(capsys, "personalize", text_bundle, "--user", "a", "--data", data_file, "--store", store,
                        "--epochs", "6", "--patience", "off", "--providers", "cpu")
-    assert code == 0 and "stopped by steps" in out and "learning rate 0.01" in out  # the bundle's rate
+    rate = Bundle.open(text_bundle).manifest.training_defaults["learning_rate"]
+    assert code == 0 and "stopped by steps" in out and f"learning rate {rate:g}" in out  # the bundle's rate
     info = DeltaStore(store).load("a").info
     assert info["epochs_run"] == 6 and info["learning_rate_from"] == "bundle"
     assert info["plan"]["reasons"]["steps"].startswith("epochs=6 given")
     code, out, _ = run(capsys, "personalize", text_bundle, "--user", "b", "--data", data_file, "--store", store,
-                       "--epochs", "6", "--patience", "1", "--learning-rate", "0.5")
+                       "--epochs", "6", "--patience", "1", "--learning-rate", "0.5", "--holdout", "0")
     assert code == 0 and "learning rate 0.5" in out
     assert DeltaStore(store).load("b").info["learning_rate_from"] == "argument"
     code, out, err = run(capsys, "personalize", text_bundle, "--user", "c", "--data", data_file, "--store", store,

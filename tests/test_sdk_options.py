@@ -16,6 +16,7 @@ from bitfit.sdk import DeltaStore, Personalizer, Predictor
 from bitfit.sdk.bundle import Bundle, manifest_checksum
 from bitfit.sdk.errors import BundleInvalidError, InvalidArgumentError
 from bitfit.sdk.personalizer import DEFAULT_LEARNING_RATE
+from bitfit.sdk.training_plan import learning_rate_for_size
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
 from sdk_fixtures import PROBE_LABELS, PROBES, QUICK, numeric_data, text_data
@@ -155,28 +156,34 @@ def test_predictor_takes_verify_like_personalizer(text_bundle, tmp_path):
 
 def test_personalize_takes_the_bundles_learning_rate(text_bundle, numeric_bundle, tmp_path):
     manifest = Bundle.open(text_bundle).manifest
-    assert manifest.training_defaults == {"learning_rate": 1e-2}  # a small model (docs/bundle-format.md)
+    # A small model (21 k values): the rate for its size (docs/personalize.md), recorded at export.
+    assert manifest.training_defaults == {"learning_rate": 0.0427}
     p = Personalizer(text_bundle, store=tmp_path)
     r = p.personalize(text_data(32), user="alice", **TRAIN)
-    assert r.learning_rate == 1e-2 and p.predict(PROBES, user="alice").labels == PROBE_LABELS
+    assert r.learning_rate == 0.0427 and p.predict(PROBES, user="alice").labels == PROBE_LABELS
     info = p.store.load("alice").info
-    assert info["learning_rate"] == 1e-2 and info["learning_rate_from"] == "bundle"
+    assert info["learning_rate"] == 0.0427 and info["learning_rate_from"] == "bundle"
     r = p.personalize(text_data(32), user="bob", learning_rate=3e-3, **TRAIN)
     info = p.store.load("bob").info
     assert r.learning_rate == 3e-3 and info["learning_rate"] == 3e-3 and info["learning_rate_from"] == "argument"
 
 
-def test_a_format_2_manifest_without_training_defaults_uses_the_sdk_default(numeric_bundle, tmp_path):
+def test_a_format_2_manifest_without_training_defaults_uses_the_rate_for_its_size(numeric_bundle, tmp_path):
     old = rewrite_manifest(numeric_bundle, tmp_path / "old", lambda raw: raw.pop("training_defaults"))
     assert old.manifest.format_version == 2 and old.manifest.training_defaults == {}
     features, labels = numeric_data(16)
     p = Personalizer(old, store=tmp_path / "s")
-    r = p.personalize({"features": features, "labels": labels}, user="u", **TRAIN)
+    r = p.personalize({"features": features, "labels": labels}, user="u", holdout=0.0, **TRAIN)
+    assert r.learning_rate == learning_rate_for_size(old.manifest.policy["total_values"]) == 0.1
+    assert p.store.load("u").info["learning_rate_from"] == "model size"
+    # Without the model's size either, the MiniLM-tuned constant.
+    older = rewrite_manifest(old.path, tmp_path / "older", lambda raw: raw["policy"].pop("total_values"))
+    r = Personalizer(older, store=tmp_path / "s2").personalize({"features": features, "labels": labels}, user="u",
+                                                              holdout=0.0, **TRAIN)
     assert r.learning_rate == DEFAULT_LEARNING_RATE == 2e-3
-    assert p.store.load("u").info["learning_rate_from"] == "default"
     future = rewrite_manifest(numeric_bundle, tmp_path / "future",
                               lambda raw: raw["training_defaults"].update(epochs=5))  # a name this SDK does not know
-    assert future.manifest.training_defaults["learning_rate"] == 1e-2
+    assert future.manifest.training_defaults["learning_rate"] == Bundle.open(numeric_bundle).manifest.training_defaults["learning_rate"]
 
 
 @pytest.mark.parametrize("value", [None, [], {"learning_rate": -1.0}, {"learning_rate": "0.01"}, {"learning_rate": True}])
@@ -201,7 +208,7 @@ def test_export_records_the_learning_rate_and_prints_nothing_unless_asked(tmp_pa
     assert capsys.readouterr().out == ""  # library code does not print unasked
     export_bundle(model, tmp_path / "b", example_inputs=example, overwrite=True, verbose=True)
     assert "trainable tensors" in capsys.readouterr().out
-    assert default_learning_rate(22_566_531) == 2e-3 and default_learning_rate(20_866) == 1e-2
+    assert default_learning_rate(22_566_531) == 2e-3 and default_learning_rate(20_866) == 0.0427
     for bad in (0, -1.0, float("nan"), "0.01"):
         with pytest.raises(ExportError, match="learning_rate must be a positive number"):
             export_bundle(model, tmp_path / "c", example_inputs=example, learning_rate=bad)

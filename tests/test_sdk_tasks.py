@@ -214,12 +214,12 @@ def test_token_classification_predict_gives_a_tag_per_token(tokens):
     assert np.mean(np.array(p.predict(ids, user="ana").labels) == TAG) > np.mean(np.array(p.predict(ids).labels) == TAG)
 
 
-def test_token_classification_command_refuses_a_file_and_names_the_input(token_bundle, tmp_path, capsys):
-    """Token labels are arrays: ``bitfit personalize`` (files of text) says what to pass instead."""
+def test_token_classification_command_refuses_a_file_and_says_what_to_use(token_bundle, tmp_path, capsys):
+    """Token labels are arrays: ``bitfit personalize`` (files of text) says to use the Python API."""
     data = write_jsonl(tmp_path / "ana.jsonl", [{"text": "a b c", "label": 1}])
     code, out, err = run(capsys, "personalize", token_bundle, "--user", "ana", "--data", data, "--store", tmp_path / "s")
     assert code == 2 and out == ""
-    assert "InvalidUserDataError" in err and "'input_ids'" in err
+    assert "InvalidArgumentError" in err and "numeric inputs" in err and "Personalizer(bundle).personalize(" in err
     code, out, _ = run(capsys, "info", token_bundle)
     assert code == 0 and "task token-classification, loss token-cross-entropy" in out
 
