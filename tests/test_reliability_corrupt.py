@@ -241,8 +241,8 @@ def test_encrypted_store_through_the_personalizer(numeric_bundle, tmp_path):
 def test_tampered_encrypted_delta_is_refused(numeric_bundle, tmp_path, attack):
     root = tmp_path / "store"
     p = Personalizer(numeric_bundle, root, key=KEY)
-    p.personalize(rf.numeric_data(24), user="u", epochs=1)
-    p.personalize(rf.numeric_data(24, seed=5), user="mallory", epochs=1)
+    p.personalize(rf.numeric_data(24), user="u", epochs=1, holdout=0)  # holdout=0: a delta is always saved
+    p.personalize(rf.numeric_data(24, seed=5), user="mallory", epochs=1, holdout=0)
     path = _version_file(p.store, "u", 1)
     data = path.read_bytes()
     if attack == "flip":
@@ -254,7 +254,8 @@ def test_tampered_encrypted_delta_is_refused(numeric_bundle, tmp_path, attack):
     elif attack == "replay-other-user":  # a valid file of another user, same key and base
         path.write_bytes(_version_file(p.store, "mallory", 1).read_bytes())
     else:  # an older version of the same user replayed over the current one
-        p.personalize(rf.numeric_data(24, seed=7), user="u", epochs=1)
+        p.personalize(rf.numeric_data(24, seed=7), user="u", epochs=1, holdout=0)  # holdout=0: always saved
+        assert p.store.versions("u") == [1, 2]
         old = data
         path = _version_file(p.store, "u", 2)
         path.write_bytes(old)
