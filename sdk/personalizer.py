@@ -129,6 +129,62 @@ class PersonalizeResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FitResult:
+    """What ``Personalizer.fit`` trained, before anything is saved.
+
+    ``improved``: the holdout says the values beat the start (True without a holdout), the
+    condition under which ``personalize`` saves them.
+
+    Example:
+        >>> fit = p.fit(data)                                                 # doctest: +SKIP
+        >>> fit.improved, fit.metrics_after["accuracy"]                       # doctest: +SKIP
+        (True, 0.82)
+    """
+
+    values: dict[str, np.ndarray]
+    plan: TrainingPlan
+    outcome: LoopOutcome
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+    warnings: list[str]
+    retried: bool
+    backend: str
+    learning_rate_from: str
+    train_examples: int
+    holdout_examples: int
+    duplicates_removed: int
+    seconds: float
+
+    @property
+    def improved(self) -> bool:
+        """Whether the holdout says the trained values beat the start (True without a holdout).
+
+        Example:
+            >>> fit.improved                                                  # doctest: +SKIP
+            True
+        """
+        return not self.holdout_examples or self.outcome.improved
+
+    def info(self) -> dict[str, Any]:
+        """What a delta's info records about this training run (JSON-able).
+
+        Example:
+            >>> fit.info()["plan"]["steps"]                                   # doctest: +SKIP
+            30
+        """
+        o = self.outcome
+        return {
+            "steps": o.steps, "epochs_run": o.epochs_run, "examples": self.train_examples,
+            "holdout_examples": self.holdout_examples, "seconds": round(self.seconds, 3),
+            "learning_rate": self.plan.learning_rate, "learning_rate_from": self.learning_rate_from,
+            "batch_size": self.plan.batch_size, "stopped_by": o.stopped_by,
+            "metrics": {"before": self.metrics_before, "after": self.metrics_after}, "holdout_losses": o.history,
+            "kept_step": o.kept_step, "backend": self.backend, "plan": self.plan.as_dict(), "retried": self.retried,
+            "warnings": self.warnings,
+        }
+
+
 class Personalizer:
     """Local training and per-user inference over one bundle and one delta store.
 
@@ -290,9 +346,72 @@ class Personalizer:
             >>> r.saved, r.accuracy_before, r.accuracy_after, r.delta_bytes          # doctest: +SKIP
             (True, 0.61, 0.78, 51812)
         """
+        _check_user(user)
+        start = None if reset else self._start_delta(user)
+        fit = self.fit(user_data, start=start.apply_to(self.base_trainable) if start is not None else None, user=user,
+                       epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, holdout=holdout,
+                       schedule=schedule, max_steps=max_steps, max_seconds=max_seconds, seed=seed, progress=progress,
+                       progress_bar=progress_bar, encoding=encoding, patience=patience, max_examples=max_examples)
+        started_from = "previous-delta" if start is not None else "base"
+        info = {**fit.info(), "seed": seed, "started_from": started_from}
+        if fit.improved:
+            delta = Delta.from_params(fit.values, self.base_trainable, self.bundle.manifest.base_fingerprint,
+                                      encoding=encoding, info=info)
+            version = self.store.save(user, delta)
+            if self._predictor is not None:
+                self._predictor.invalidate(user)
+            size = _delta_file_bytes(self.store, user, version)
+        else:
+            log.warning("user %r: no checkpoint beat the starting biases on the holdout (%d examples); nothing was "
+                        "saved. Give more or more varied examples.", user, fit.holdout_examples)
+            version, size = self._current_version(user), 0
+        o = fit.outcome
+        return PersonalizeResult(
+            user=user, version=version, saved=fit.improved, delta_bytes=size, encoding=encoding, steps=o.steps,
+            epochs_run=o.epochs_run, seconds=fit.seconds, examples_used=fit.train_examples,
+            holdout_examples=fit.holdout_examples, duplicates_removed=fit.duplicates_removed,
+            loss_before=fit.metrics_before.get("loss"), loss_after=fit.metrics_after.get("loss"),
+            accuracy_before=fit.metrics_before.get("accuracy"), accuracy_after=fit.metrics_after.get("accuracy"),
+            stopped_by=o.stopped_by, started_from=started_from,  # type: ignore[arg-type]
+            kept_step=o.kept_step, backend=fit.backend, learning_rate=fit.plan.learning_rate,
+            metrics_before=fit.metrics_before, metrics_after=fit.metrics_after, warnings=fit.warnings,
+            plan=fit.plan.as_dict(), retried=fit.retried,
+        )
+
+    def fit(
+        self,
+        user_data: Any,
+        *,
+        start: dict[str, np.ndarray] | None = None,
+        user: str = "-",
+        epochs: int | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        holdout: float | None = None,
+        schedule: Schedule = "warmup-linear",
+        max_steps: int | None = None,
+        max_seconds: float | None = None,
+        seed: int = 0,
+        progress: ProgressCallback | None = None,
+        progress_bar: bool | None = False,
+        encoding: Encoding = "fp16",
+        patience: int | None = None,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+    ) -> "FitResult":
+        """Train the trainable tensors from ``start`` (None: the base) on ``user_data`` and return
+        them, saving nothing: what ``personalize`` does before it stores a delta, for callers
+        that keep the values themselves (a federated client sending an update, an experiment).
+
+        The options mean what they mean in ``personalize``; ``user`` only names the run in logs.
+
+        Example:
+            >>> fit = p.fit(data, start=None, max_steps=20)                   # doctest: +SKIP
+            >>> fit.improved, fit.outcome.steps, sorted(fit.values)[:1]        # doctest: +SKIP
+            (True, 20, ['classifier.bias'])
+        """
         manifest = self.bundle.manifest
         rate, rate_from = _learning_rate(learning_rate, manifest)
-        _check_options(user, epochs, rate, batch_size, max_steps, max_seconds, patience, encoding, holdout, schedule)
+        _check_options(epochs, rate, batch_size, max_steps, max_seconds, patience, encoding, holdout, schedule)
         started = time.perf_counter()
         examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
         plan = plan_training(len(examples), learning_rate=rate, learning_rate_from=rate_from, epochs=epochs,
@@ -305,8 +424,7 @@ class Personalizer:
         warnings = data_warnings(manifest.task, examples, held, label_names=manifest.labels)
         for text in warnings:
             log.warning("user %r: %s", user, text)
-        start = None if reset else self._start_delta(user)
-        start_values = start.apply_to(self.base_trainable) if start is not None else None
+        start_values = dict(start) if start is not None else None
 
         bar = _progress_bar(plan.steps, user, progress_bar)
         try:
@@ -339,34 +457,11 @@ class Personalizer:
             raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
         before = self._holdout_metrics(session, held, start_values or self.base_trainable) if len(held) else {}
         after = self._holdout_metrics(session, held, None) if len(held) else {}
-        seconds = time.perf_counter() - started
-        info = {
-            "steps": outcome.steps, "epochs_run": outcome.epochs_run, "examples": len(train), "holdout_examples": len(held),
-            "seconds": round(seconds, 3), "learning_rate": plan.learning_rate, "learning_rate_from": rate_from,
-            "batch_size": plan.batch_size, "seed": seed, "stopped_by": outcome.stopped_by,
-            "metrics": {"before": before, "after": after}, "holdout_losses": outcome.history,
-            "started_from": "previous-delta" if start is not None else "base", "kept_step": outcome.kept_step,
-            "backend": session.backend, "plan": plan.as_dict(), "retried": retried, "warnings": warnings,
-        }
-        saved = not len(held) or outcome.improved
-        if saved:
-            delta = Delta.from_params(trained, self.base_trainable, manifest.base_fingerprint, encoding=encoding, info=info)
-            version = self.store.save(user, delta)
-            if self._predictor is not None:
-                self._predictor.invalidate(user)
-            size = _delta_file_bytes(self.store, user, version)
-        else:
-            log.warning("user %r: no checkpoint beat the starting biases on the holdout (%d examples); nothing was "
-                        "saved. Give more or more varied examples.", user, len(held))
-            version, size = self._current_version(user), 0
-        return PersonalizeResult(
-            user=user, version=version, saved=saved, delta_bytes=size, encoding=encoding, steps=outcome.steps,
-            epochs_run=outcome.epochs_run, seconds=seconds, examples_used=len(train), holdout_examples=len(held),
-            duplicates_removed=examples.duplicates_removed, loss_before=before.get("loss"), loss_after=after.get("loss"),
-            accuracy_before=before.get("accuracy"), accuracy_after=after.get("accuracy"), stopped_by=outcome.stopped_by,
-            started_from=info["started_from"],  # type: ignore[arg-type]
-            kept_step=outcome.kept_step, backend=session.backend, learning_rate=plan.learning_rate,
-            metrics_before=before, metrics_after=after, warnings=warnings, plan=plan.as_dict(), retried=retried,
+        return FitResult(
+            values=trained, plan=plan, outcome=outcome, metrics_before=before, metrics_after=after, warnings=warnings,
+            retried=retried, backend=session.backend, learning_rate_from=rate_from, train_examples=len(train),
+            holdout_examples=len(held), duplicates_removed=examples.duplicates_removed,
+            seconds=time.perf_counter() - started,
         )
 
     def _train(self, plan: TrainingPlan, train: Examples, held: Examples, start_values: dict[str, np.ndarray] | None,
@@ -533,11 +628,14 @@ def _training_providers(providers: Any) -> Any:
     return providers
 
 
-def _check_options(user: Any, epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_seconds: Any,
+def _check_user(user: Any) -> None:
+    if not isinstance(user, str) or not user:
+        raise InvalidArgumentError(f"user must be a non-empty string, got {user!r}")
+
+
+def _check_options(epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_seconds: Any,
                    patience: Any, encoding: Any, holdout: Any = None, schedule: Any = "warmup-linear") -> None:
     problems = []
-    if not isinstance(user, str) or not user:
-        problems.append(f"user must be a non-empty string, got {user!r}")
     if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
         problems.append(f"epochs must be an int >= 1 or None (the SDK's step budget), got {epochs!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not np.isfinite(lr) or lr <= 0:
@@ -560,4 +658,4 @@ def _check_options(user: Any, epochs: Any, lr: Any, batch_size: Any, max_steps: 
         raise InvalidArgumentError("; ".join(problems))
 
 
-__all__ = ["Personalizer", "PersonalizeResult", "Progress", "BitfitError"]
+__all__ = ["Personalizer", "PersonalizeResult", "FitResult", "Progress", "BitfitError"]

@@ -19,7 +19,7 @@ from bitfit.sdk.cli import main
 from bitfit.sdk.data import Examples, split_holdout
 from bitfit.sdk.data_checks import data_warnings
 from bitfit.sdk.training_plan import (
-    BATCH_SIZE, EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
+    BATCH_SIZE, EPOCHS, SMALL_MODEL_EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
 )
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
@@ -145,15 +145,18 @@ def test_tiny_data_gets_the_minimum_steps(examples):
     assert "within [30, 400]" in plan.reasons["steps"]
 
 
-@pytest.mark.parametrize("examples", [1400, 2000, 100_000])
+@pytest.mark.parametrize("examples", [2500, 5000, 100_000])
 def test_large_data_gets_the_maximum_steps(examples):
     assert plan_training(examples, learning_rate=1e-2).steps == MAX_STEPS
 
 
-def test_between_the_bounds_the_budget_is_five_epochs():
+def test_between_the_bounds_the_budget_is_three_epochs_or_five_for_a_small_model():
     plan = plan_training(300, learning_rate=1e-2)  # 270 to train: 17 batches of 16
     assert plan.batch_size == BATCH_SIZE and plan.steps_per_epoch == 17
-    assert plan.steps == EPOCHS * 17 == 85
+    assert plan.steps == EPOCHS * 17 == 51
+    assert plan_training(300, learning_rate=1e-2, model_values=22_566_531).steps == 51
+    small = plan_training(300, learning_rate=1e-2, model_values=3_203)
+    assert small.steps == SMALL_MODEL_EPOCHS * 17 == 85 and "(a small model)" in small.reasons["steps"]
 
 
 def test_epochs_override_the_budget_and_max_steps_caps_it():
@@ -195,13 +198,13 @@ def test_reasons_say_where_every_choice_came_from():
     plan = plan_training(150, learning_rate=2e-3, learning_rate_from="bundle")
     assert set(plan.reasons) == {"holdout", "batch_size", "steps", "learning_rate"}
     assert plan.reasons["learning_rate"] == "0.002 from the bundle, peak of a warmup-linear schedule"
-    assert plan.reasons["steps"] == "5 epochs of 9 steps, within [30, 400]"
+    assert plan.reasons["steps"] == "3 epochs of 9 steps, within [30, 400]"
     assert plan.as_dict()["reasons"] == plan.reasons
 
 
 def test_holdout_is_scored_about_six_times():
-    plan = plan_training(400, learning_rate=1e-2)  # 360 to train: 23 steps an epoch, 115 steps
-    assert plan.evaluate_every == 20
+    plan = plan_training(400, learning_rate=1e-2)  # 360 to train: 23 steps an epoch, 69 steps
+    assert plan.evaluate_every == 12 and 5 <= -(-plan.steps // plan.evaluate_every) <= 6
     assert plan_training(60, learning_rate=1e-2).evaluate_every == 4  # at most once an epoch's 4 steps
 
 
@@ -210,7 +213,7 @@ def test_personalize_records_its_plan(numeric_bundle, tmp_path):
     result = p.personalize(habit_data(60, seed=1), user="ana", **QUIET)
     assert result.saved and not result.retried
     expected = plan_training(60, learning_rate=p.bundle.manifest.training_defaults["learning_rate"],
-                             learning_rate_from="bundle").as_dict()
+                             learning_rate_from="bundle", model_values=p.bundle.manifest.policy["total_values"]).as_dict()
     assert result.plan == expected
     assert (result.holdout_examples, result.examples_used, result.steps) == (8, 52, MIN_STEPS)
     assert p.store.load("ana").info["plan"] == expected
