@@ -30,6 +30,9 @@ from .errors import (
     BitfitError, BundleInvalidError, DeltaCorruptError, DeltaMismatchError, DeltaNotFoundError, InvalidArgumentError,
     InvalidUserDataError, ResourceExhaustedError, TrainingDivergedError,
 )
+from .population import INFO_KEY as POPULATION_INFO_KEY
+from .population import check_population_name, load_population
+from .population import offsets as population_offsets
 from .options import (
     DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, open_store, providers_from_device,
 )
@@ -105,7 +108,7 @@ class PersonalizeResult:
     accuracy_before: float | None
     accuracy_after: float | None
     stopped_by: StopReason
-    started_from: Literal["base", "previous-delta"]
+    started_from: Literal["base", "population", "previous-delta"]
     kept_step: int = 0
     """The step whose biases were kept: the holdout's best checkpoint; 0 = the starting biases."""
     backend: str = ""
@@ -209,6 +212,10 @@ class Personalizer:
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.
         verify: how the bundle's files are checked on opening: "hashes" (default), "sizes"
             or "none" (``Bundle.open``).
+        population: the name of a population delta in the store (a fleet's shared delta,
+            ``bitfit.sdk.population``): personalize starts from base + population (+ the user's
+            delta) and saves the user's delta relative to base + the current population,
+            recording its version; predict applies it. None (default): no population.
         device: deprecated alias of ``providers`` ("cpu" or "cuda"); warns.
 
     Example:
@@ -231,6 +238,7 @@ class Personalizer:
         graph_optimization: GraphOptimization | None = None,
         verify: Verify = DEFAULT_VERIFY,
         device: Device | None = None,
+        population: str | None = None,
     ) -> None:
         providers = providers_from_device(providers, device)
         check_choice("backend", backend, get_args(BackendChoice))
@@ -245,7 +253,9 @@ class Personalizer:
         self.providers = providers
         self.backend = backend
         self.threads = threads
-        self._predictor_options = {"providers": providers, "threads": threads, "on_bad_delta": on_bad_delta}
+        self.population = check_population_name(population)
+        self._predictor_options = {"providers": providers, "threads": threads, "on_bad_delta": on_bad_delta,
+                                   "population": self.population}
         if graph_optimization:
             self._predictor_options["graph_optimization"] = graph_optimization
         self._predictor: Predictor | None = None
@@ -290,6 +300,42 @@ class Personalizer:
         check_delta_fits(delta, base_fingerprint=self.bundle.manifest.base_fingerprint,
                          shapes=self.bundle.manifest.trainable_shapes)
         return delta
+
+    def _start_values(self, user: str, reset: bool) -> tuple[dict[str, np.ndarray] | None, bool]:
+        """The values training starts from (None: the base) and whether they are the user's own.
+
+        The user's current model: base + their delta (+ the population version it was trained
+        on); without one (or with ``reset``), base + the current population (if any).
+        """
+        delta = None if reset else self._start_delta(user)
+        if delta is not None:
+            try:
+                added = population_offsets(delta, self.store, self.bundle.manifest)
+            except DeltaMismatchError as err:
+                raise DeltaMismatchError(f"{err}. Or pass reset=True to start from base + the current population") from err
+            return {n: self.base_trainable[n] + added[n].reshape(self.base_trainable[n].shape) for n in self.base_trainable}, True
+        population = self._current_population()
+        if population is None:
+            return None, False
+        return population.apply_to(self.base_trainable), False
+
+    def _current_population(self) -> Delta | None:
+        if self.population is None:
+            return None
+        try:
+            return load_population(self.store, self.population, self.bundle.manifest)[0]
+        except DeltaNotFoundError:
+            return None
+
+    def _reference(self) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+        """What a new user delta is relative to: base + the current population, and its info record."""
+        if self.population is None:
+            return self.base_trainable, None
+        try:
+            delta, ref = load_population(self.store, self.population, self.bundle.manifest)
+        except DeltaNotFoundError:
+            return self.base_trainable, None
+        return delta.apply_to(self.base_trainable), ref.as_info()
 
     def _start_delta(self, user: str) -> Delta | None:
         """The delta to continue from; an unusable one is refused with the way out (reset)."""
@@ -347,15 +393,18 @@ class Personalizer:
             (True, 0.61, 0.78, 51812)
         """
         _check_user(user)
-        start = None if reset else self._start_delta(user)
-        fit = self.fit(user_data, start=start.apply_to(self.base_trainable) if start is not None else None, user=user,
+        start_values, own = self._start_values(user, reset)
+        fit = self.fit(user_data, start=start_values, user=user,
                        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, holdout=holdout,
                        schedule=schedule, max_steps=max_steps, max_seconds=max_seconds, seed=seed, progress=progress,
                        progress_bar=progress_bar, encoding=encoding, patience=patience, max_examples=max_examples)
-        started_from = "previous-delta" if start is not None else "base"
+        started_from = "previous-delta" if own else ("population" if start_values is not None else "base")
+        reference, population = self._reference()
         info = {**fit.info(), "seed": seed, "started_from": started_from}
+        if population is not None:
+            info[POPULATION_INFO_KEY] = population
         if fit.improved:
-            delta = Delta.from_params(fit.values, self.base_trainable, self.bundle.manifest.base_fingerprint,
+            delta = Delta.from_params(fit.values, reference, self.bundle.manifest.base_fingerprint,
                                       encoding=encoding, info=info)
             version = self.store.save(user, delta)
             if self._predictor is not None:

@@ -32,6 +32,8 @@ from .data import TextEncoder, as_feature_dict, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
 from .options import DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, open_store
+from .population import check_population_name, load_population
+from .population import offsets as population_offsets
 from .runtime import ort, resolve_providers
 from .store import DeltaStore
 
@@ -94,6 +96,10 @@ class Predictor:
         key: AES key of an encrypted store (see docs/security.md).
         on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.
+        population: the name of a population delta in the store (``bitfit.sdk.population``):
+            users without a delta are served base + its current version, and each user's
+            delta is applied on the population version it was trained on. None (default): no
+            population.
 
     Example:
         >>> Predictor("bundles/tiny", providers="gpu")          # doctest: +SKIP
@@ -116,8 +122,10 @@ class Predictor:
         batch_size: int = 64,
         key: bytes | None = None,
         verify: Verify = DEFAULT_VERIFY,
+        population: str | None = None,
     ) -> None:
         check_choice("verify", verify, ("hashes", "sizes", "none"))
+        self.population = check_population_name(population)
         check_choice("graph_optimization", graph_optimization, tuple(_LEVELS))
         check_choice("on_bad_delta", on_bad_delta, ("fallback", "raise"))
         providers = check_providers(providers)
@@ -129,6 +137,8 @@ class Predictor:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
         self.manifest = self.bundle.manifest
         self.store = open_store(store, key, allow_none=True)
+        if self.population is not None and self.store is None:
+            raise InvalidArgumentError("population= needs a store to load it from; store=False has none")
         options = ort.SessionOptions()
         options.graph_optimization_level = _LEVELS[graph_optimization]
         if threads:
@@ -199,7 +209,8 @@ class Predictor:
         """
         if user is None:
             return {}
-        signature = self._store_signature(user)
+        signature = (self._store_signature(user),
+                     self._store_signature(self.population) if self.population is not None else None)
         with self._lock:
             cached = self._cache.get(user)
         if cached is None or cached[0] != signature:
@@ -223,14 +234,29 @@ class Predictor:
         try:
             delta = self.store.load(user)
             check_delta_fits(delta, base_fingerprint=self.manifest.base_fingerprint, shapes=self.manifest.trainable_shapes)
+            return self._tensors_for_offsets(population_offsets(delta, self.store, self.manifest)), None
         except DeltaNotFoundError:
-            return {}, None  # a user who has not personalized yet gets the base model
+            return self._population_tensors(), None  # not personalized yet: the base (+ the population)
         except BitfitError as err:
             if self.on_bad_delta == "raise":
                 raise
-            log.warning("user %r: delta unusable (%s); serving the base model", user, err)
-            return {}, f"{type(err).__name__}: {err}"
-        return self.tensors_for_delta(delta), None
+            served = "the base model" if self.population is None else f"the current population {self.population!r}"
+            log.warning("user %r: delta unusable (%s); serving %s", user, err, served)
+            return self._population_tensors(), f"{type(err).__name__}: {err}"
+
+    def _population_tensors(self) -> dict[str, np.ndarray]:
+        """base + the current population delta ({} = the base, without a population or with none stored)."""
+        if self.population is None:
+            return {}
+        try:
+            delta, _ = load_population(self.store, self.population, self.manifest)
+        except DeltaNotFoundError:
+            return {}
+        return self._tensors_for_offsets(delta.tensors)
+
+    def _tensors_for_offsets(self, offsets: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {t.name: (self.base[t.name] + np.asarray(offsets[t.name]).reshape(t.inference_shape)).astype(np.float32)
+                for t in self.manifest.trainable}
 
     def tensors_for_delta(self, delta: Delta) -> dict[str, np.ndarray]:
         """base + delta for each trainable tensor, in the inference model's shapes.
@@ -238,8 +264,7 @@ class Predictor:
         Example:
             >>> feeds = predictor.tensors_for_delta(store.load("alice"))        # doctest: +SKIP
         """
-        return {t.name: (self.base[t.name] + delta.tensors[t.name].reshape(t.inference_shape)).astype(np.float32)
-                for t in self.manifest.trainable}
+        return self._tensors_for_offsets(delta.tensors)
 
     def invalidate(self, user: str | None = None) -> None:
         """Forget cached deltas (one user, or all).
