@@ -532,7 +532,9 @@ def render_section(run: QualityRun, *, command: str, plot: str | None = None) ->
     grid_rows = []
     for suite, methods in run.grids.items():
         for method, g in methods.items():
-            scores = ", ".join(f"{lr:g}: {s:.3f}" + ("*" if lr == g["chosen"] else "") for lr, s in g["scores"].items())
+            # float(): lr keys come back from the JSON as strings (rerender)
+            scores = ", ".join(f"{float(lr):g}: {s:.3f}" + ("*" if float(lr) == g["chosen"] else "")
+                               for lr, s in g["scores"].items())
             extended = ", ".join(f"{lr_value(k):g}" for k in g["extended"]) or "no"
             grid_rows.append([suite, method, scores, f"{g['chosen']:g}", extended,
                               "yes: still at an edge" if g["at_edge"] else "no"])
@@ -609,10 +611,11 @@ def plot(run: QualityRun, path: Path) -> Path:
             values = [r.get(m, np.nan) for r in rows]
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=names[m], color=colors[m])
         ax.set_xticks(x, [f"{r['user']}\n({r['role']})" for r in rows], fontsize=7)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.22)
+        ax.set_yticks(np.arange(0, 1.01, 0.2))
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{suite}: per-user test accuracy", fontsize=9)
-        ax.legend(fontsize=7, ncol=len(methods), loc="lower center", frameon=False)
+        ax.set_title(f"{suite}: per-user test accuracy (learning rates tuned on the tuning users only)", fontsize=9)
+        ax.legend(fontsize=7, ncol=len(methods), loc="upper center", frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -682,6 +685,25 @@ def run_quality(mode: str = "full", *, work_dir: Path | None = None, report: Pat
     return run
 
 
+def rerender(json_path: Path | None = None, report: Path | None = None, plot_path: Path | None = None) -> Path:
+    """Write the BENCHMARKS.md section and the plot again from a run's JSON, running nothing.
+
+    Example:
+        >>> rerender()                                                                      # doctest: +SKIP
+        PosixPath('.../BENCHMARKS.md')
+    """
+    json_path = json_path or WORK / "quality.json"
+    data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    run = QualityRun(**data)
+    report = report or REPO_ROOT / "BENCHMARKS.md"
+    plot_path = plot(run, plot_path or HERE / "quality.png")
+    command = "python -m benchmarks.quality" + ("" if run.mode == "full" else f" --{run.mode}")
+    section = render_section(run, command=command, plot=os.path.relpath(plot_path, report.parent).replace(os.sep, "/"))
+    old = report.read_text(encoding="utf-8") if report.is_file() else ""
+    report.write_text(splice(old, section) if old else section + "\n", encoding="utf-8")
+    return report
+
+
 def sdk_tuning_check(quick: bool = False, *, work_dir: Path | None = None,
                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Only the SDK column, on the TUNING users, against tuned PyTorch BitFit (from the cache,
@@ -708,7 +730,7 @@ def sdk_tuning_check(quick: bool = False, *, work_dir: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.quality [--quick] [--sdk-tuning-check]``.
+    """``python -m benchmarks.quality [--quick] [--sdk-tuning-check] [--rerender]``.
 
     Example:
         >>> main(["--quick"])                                                               # doctest: +SKIP
@@ -719,7 +741,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdk-tuning-check", action="store_true",
                         help="only the SDK column on the tuning users vs tuned PyTorch BitFit (for tuning the defaults)")
     parser.add_argument("--work", type=Path, default=None, help="cache and bases (default benchmarks/_work/quality)")
+    parser.add_argument("--rerender", action="store_true",
+                        help="rewrite the BENCHMARKS.md section and plot from benchmarks/_work/quality.json (runs nothing)")
     args = parser.parse_args(argv)
+    if args.rerender:
+        print(f"wrote {rerender()}")
+        return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
