@@ -26,7 +26,7 @@ import json
 import sys
 from typing import Any
 
-from . import cli_deltas
+from . import cli_deltas, cli_federate
 from .errors import BitfitError, InvalidArgumentError
 from .options import key_from_file
 
@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
 
     cli_deltas.add_parser(sub)
+    cli_federate.add_parser(sub)
 
     info = sub.add_parser("info", help="show a bundle's manifest summary")
     info.add_argument("bundle")
@@ -251,7 +252,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"export": _export, "personalize": _personalize, "predict": _predict, "deltas": cli_deltas.run,
-             "info": _info}
+             "federate": cli_federate.run, "info": _info}
 
 if __name__ == "__main__":
     sys.exit(main())
