@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[export,ort-training,dev]"
+	$(PIP) install --quiet -e ".[export,ort-training,dev,fleet]"
 	$(PIP) install --quiet --no-deps $(DATA_PKGS)
 	$(PY) tools/check_env.py --ort onnxruntime-training-cpu
 	touch $(STAMP)
