@@ -8,8 +8,8 @@ Example:
     ...                        labels=["a", "b", "c"], overwrite=True)
     >>> [t.name for t in bundle.manifest.trainable], bundle.manifest.per_row
     (['0.bias', '2.bias'], True)
-    >>> bundle.manifest.training_defaults          # a small model: the larger default learning rate
-    {'learning_rate': 0.01}
+    >>> bundle.manifest.training_defaults          # a small model: a larger peak learning rate (by size)
+    {'learning_rate': 0.1}
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
@@ -38,7 +38,7 @@ from . import sources
 from .artifacts import LABEL_INPUT, generate_training_artifacts, loss_for
 from .added_biases import AddedBias
 from .added_biases import add_biases as add_bias_tensors
-from .biases import BiasInfo, BiasUse, bias_uses_by_name, cross_check, find_biases, select_trainable
+from .biases import BasePolicy, BiasInfo, BiasUse, bias_uses_by_name, cross_check, find_biases, select_trainable
 from .inference_graph import INFERENCE_FILE, WEIGHTS_FILE, build_inference_model
 from .portable import write_portable_models
 from .repairs import ensure_named_nodes, refuse_unsupported, repair_for_training, split_shared_biases
@@ -129,8 +129,9 @@ def export_bundle(
     ``verbose=True`` (``bitfit export`` passes it) it is also printed.
 
     ``learning_rate`` is recorded in the manifest's ``training_defaults`` and used by
-    ``personalize`` when its caller gives none; None picks 2e-3 for models of >= 1M values
-    (tuned on MiniLM) and 1e-2 for smaller ones (docs/bundle-format.md).
+    ``personalize`` when its caller gives none (the peak of its schedule); None picks it by the
+    model's size (``default_learning_rate``: 4e-3 for MiniLM, 0.1 for a 3 k-value model;
+    docs/personalize.md).
 
     ``add_biases`` gives a bias-free model (Llama-style) zero-initialised biases to train
     before the policy is applied: ``"linear"`` after every MatMul/Gemm with a weight and no
@@ -220,14 +221,12 @@ def _check_options(out_dir: Path, *, overwrite: bool, policy: str, loss: Any, op
     """Refuse bad arguments before any work starts."""
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists: pass overwrite=True (or --overwrite) to replace it")
-    if policy and "+" not in policy and policy not in ("all-biases", "paper-subset"):
+    if policy and "+" not in policy and policy not in get_args(BasePolicy):
         select_trainable(None, [], policy)  # raises the PolicyError with the list of policies
-    if loss is not None and loss not in ("cross-entropy", "mse", "bce-with-logits", "token-cross-entropy"):
-        raise ExportError(f"unknown loss {loss!r}: use cross-entropy, mse, bce-with-logits or token-cross-entropy")
-    if optimizer not in ("adamw", "sgd"):
-        raise ExportError(f"unknown optimizer {optimizer!r}: use adamw or sgd")
-    if ort_training not in ("auto", "required", "never"):
-        raise ExportError(f"unknown ort_training {ort_training!r}: use auto, required or never")
+    for name, value, choices in (("loss", loss, get_args(LossName)), ("optimizer", optimizer, get_args(OptimizerName)),
+                                 ("ort_training", ort_training, get_args(OrtTrainingArtifacts))):
+        if (value is not None or name != "loss") and value not in choices:
+            raise ExportError(f"unknown {name} {value!r}: use {', '.join(choices)}")
     if learning_rate is not None and (type(learning_rate) not in (int, float) or not 0 < learning_rate < float("inf")):
         raise ExportError(f"learning_rate must be a positive number or None (chosen by the model's size), got {learning_rate!r}")
     if add_biases is not None and (not isinstance(add_biases, str) or not add_biases):
@@ -423,11 +422,11 @@ def _log_summary(out_dir: Path, manifest: Manifest, chosen: _TrainableChoice, pl
 def default_learning_rate(total_values: int) -> float:
     """The learning rate a bundle records when ``export_bundle`` is given none: the peak the
     SDK's schedule uses, by the model's size (``bitfit.sdk.training_plan.learning_rate_for_size``:
-    measured best at 0.1 for 3 k-value models and 2e-3 for MiniLM's 22.6 M; docs/personalize.md).
+    measured best at 0.1 for 3 k-value models and 4e-3 for MiniLM's 22.6 M; docs/personalize.md).
 
     Example:
         >>> default_learning_rate(22_566_531), default_learning_rate(467)
-        (0.002, 0.1)
+        (0.004, 0.1)
     """
     return learning_rate_for_size(total_values)
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from . import cli_deltas, cli_federate
+from .bundle import OptimizerName
 from .errors import BitfitError, InvalidArgumentError
 from .options import key_from_file
 
@@ -45,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--task", help="classification | regression | multilabel | token-classification | causal-lm")
     ex.add_argument("--hf-task", help="text-classification | token-classification | feature-extraction")
     ex.add_argument("--loss", help="cross-entropy | mse | bce-with-logits | token-cross-entropy")
-    ex.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ex.add_argument("--optimizer", default="adamw", choices=list(get_args(OptimizerName)))
     ex.add_argument("--max-length", type=int, default=128)
     ex.add_argument("--ort-format", action="store_true", help="also write ORT-format artifacts for mobile runtimes")
-    ex.add_argument("--ort-training", default="auto", choices=["auto", "required", "never"],
+    ex.add_argument("--ort-training", default="auto", choices=["auto", "required", "never"],  # export.pipeline.OrtTrainingArtifacts
                     help="onnxruntime-training 1.19.2 artifacts beside the portable model: where installed (auto), "
                          "demanded (required), or not (never)")
     ex.add_argument("--add-biases",
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         2
     """
     args = _parser().parse_args(argv)
+    # The command prints the library's warnings itself (result.warnings): no second copy from
+    # logging's last-resort handler when the caller configured no logging.
+    logging.getLogger("bitfit").addHandler(logging.NullHandler())
     try:
         return _COMMANDS[args.command](args)
     except BitfitError as err:

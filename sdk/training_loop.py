@@ -29,6 +29,10 @@ StopReason = Literal["steps", "max_seconds", "early_stopping"]
 """``steps``: the plan's step budget (or ``epochs``/``max_steps``) ran out; ``max_seconds``:
 the time budget; ``early_stopping``: ``patience`` holdout checks in a row without improvement."""
 
+DIVERGENCE_FACTOR = 1e3
+"""A step loss this many times the first step's is divergence, finite or not (AdamW at an absurd
+learning rate can run the loss up to 1e37 without an overflow)."""
+
 Score = Callable[[Any, Examples], float]
 """The holdout loss of a session's current values on some examples."""
 
@@ -103,16 +107,19 @@ def run_training(
         best = (loss, 0, session.trainable_values())
     stale = 0
     step = 0
+    first_loss: float | None = None
     while step < plan.steps and outcome.stopped_by == "steps":
         outcome.epochs_run += 1
         for feeds, labels in batches(train, encoder, plan.batch_size, rng, ignore_index=ignore_index, by_length=True):
             session.set_learning_rate(plan.learning_rate_at(step))
             loss = session.train_step(feeds, labels)
             step += 1
-            if not np.isfinite(loss):
+            first_loss = float(loss) if first_loss is None else first_loss
+            if not np.isfinite(loss) or (first_loss > 0 and loss > DIVERGENCE_FACTOR * first_loss):
+                what = (f"the loss became {loss}" if not np.isfinite(loss) else
+                        f"the loss grew from {first_loss:.3g} to {loss:.3g} (over {DIVERGENCE_FACTOR:g}x)")
                 raise TrainingDivergedError(
-                    f"the loss became {loss} at step {step} (learning rate {plan.learning_rate_at(step - 1):g}); "
-                    "lower the learning rate"
+                    f"{what} at step {step} (learning rate {plan.learning_rate_at(step - 1):g}); lower the learning rate"
                 )
             elapsed = time.perf_counter() - started
             if on_step is not None:
@@ -143,4 +150,4 @@ def run_training(
     return outcome
 
 
-__all__ = ["StopReason", "Score", "LoopOutcome", "run_training"]
+__all__ = ["StopReason", "Score", "LoopOutcome", "run_training", "DIVERGENCE_FACTOR"]

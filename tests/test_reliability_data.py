@@ -225,12 +225,15 @@ def test_numeric_over_the_budget(numeric_p):
 # ------------------------------------------------------------------------------ divergence
 
 
+# A loss that overflows, or one that stays finite but grows over DIVERGENCE_FACTOR (1e3) times the
+# first step's (AdamW at 1e30 runs it to ~1e30 without an overflow): both are divergence.
 @pytest.mark.parametrize("kind, learning_rate, encoding, why", [
-    ("numeric", 3e38, "fp32", "the loss became inf"),          # adamw: each step moves ~lr; the warm-up delays inf
-    ("numeric-sgd", 1e38, "fp32", "the loss became inf"),      # sgd: inf after a few steps
-    ("text", 1e30, "fp32", "the loss became nan"),             # LayerNorm of 1e30 biases overflows
-    ("numeric", 1e30, "fp16", "beyond the fp16 range"),        # loss ~1e30, finite: caught by the encoding
-    ("numeric-sgd", 1e30, "fp16", "beyond the fp16 range"),
+    ("numeric", 3e38, "fp32", "the loss (became inf|grew from)"),
+    ("numeric-sgd", 1e38, "fp32", "the loss (became inf|grew from)"),
+    ("text", 1e30, "fp32", "the loss (became nan|grew from)"),
+    ("numeric", 1e30, "fp16", "the loss grew from"),
+    ("numeric-sgd", 1e30, "fp16", "the loss grew from"),
+    ("numeric", 1e6, "fp32", "the loss grew from"),           # finite throughout: caught by the growth alone
 ])
 def test_divergence_keeps_the_previous_delta(kind, learning_rate, encoding, why, request, tmp_path):
     bundle = request.getfixturevalue(kind.replace("-", "_") + "_bundle")
@@ -245,8 +248,6 @@ def test_divergence_keeps_the_previous_delta(kind, learning_rate, encoding, why,
         p.personalize(data, user="u", epochs=20, learning_rate=learning_rate, batch_size=4, encoding=encoding, holdout=0,
                       progress=lambda progress: seen.append(progress.loss))
     message = str(info.value)
-    if "fp16" in why:  # the loss stayed finite but exploded; the non-finite cases say so in `why`
-        assert max(seen) > 1e20
     assert "learning rate" in message.lower() or "diverged" in message
     assert p.store.current_version("u") == 1 and p.store.versions("u") == [1]
     assert path.read_bytes() == before and rf.snapshot(p.store.root) == files

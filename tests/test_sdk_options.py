@@ -208,7 +208,7 @@ def test_export_records_the_learning_rate_and_prints_nothing_unless_asked(tmp_pa
     assert capsys.readouterr().out == ""  # library code does not print unasked
     export_bundle(model, tmp_path / "b", example_inputs=example, overwrite=True, verbose=True)
     assert "trainable tensors" in capsys.readouterr().out
-    assert default_learning_rate(22_566_531) == 2e-3 and default_learning_rate(20_866) == 0.0427
+    assert default_learning_rate(22_566_531) == 4e-3 and default_learning_rate(20_866) == 0.0427
     for bad in (0, -1.0, float("nan"), "0.01"):
         with pytest.raises(ExportError, match="learning_rate must be a positive number"):
             export_bundle(model, tmp_path / "c", example_inputs=example, learning_rate=bad)
