@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bitfit.sdk.bundle import Bundle
-from bitfit.sdk.atomic_files import write_file_atomic
+from bitfit.sdk.atomic_files import replace_dir, write_file_atomic
 from bitfit.sdk.delta import Delta, Encoding, check_delta_fits
 from bitfit.sdk.errors import BundleInvalidError, DeltaMismatchError, ExportError, InvalidArgumentError
 from bitfit.sdk.store import DeltaStore
@@ -251,7 +251,7 @@ def save_merged_hf_model(bundle: Bundle, delta: Delta, model_dir: str | os.PathL
             if extra.is_file() and (extra.name.startswith("tokenizer") or extra.name in ("vocab.txt", "special_tokens_map.json",
                                                                                          "merges.txt", "vocab.json")):
                 shutil.copyfile(extra, work / extra.name)
-        _replace_dir(work, out_dir)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -334,7 +334,7 @@ def save_beft_adapter(bundle: Bundle, delta: Delta, out_dir: str | os.PathLike, 
     try:
         (work / BEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (work / BEFT_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
-        _replace_dir(work, out_dir)
+        replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -544,16 +544,6 @@ def _load_hf_model(model_dir: Path, hf_task: str) -> Any:
     if hf_task not in loaders:
         raise ExportError(f"cannot tell which Hugging Face model class to load for task {hf_task!r}")
     return loaders[hf_task].from_pretrained(str(model_dir), local_files_only=True).eval()
-
-
-def _replace_dir(work: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["TransferReport", "parameter_names", "trained_state_dict", "save_torch_state_dict", "save_merged_hf_model",

@@ -32,6 +32,7 @@ from bitfit.sdk.bundle import (
 )
 from bitfit.sdk.errors import BackendUnavailableError, ExportError, PolicyError
 from bitfit.sdk.runtime import has_training_api
+from bitfit.sdk.atomic_files import replace_dir
 from bitfit.sdk.training_plan import learning_rate_for_size
 
 from . import sources
@@ -478,13 +479,7 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
     os.umask(umask)
     for path in [work, *work.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(work, out_dir)
 
 
 __all__ = ["export_bundle", "resolve_source", "source_parameter_names"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -111,4 +112,27 @@ def _write_error(path: Path, err: OSError) -> StoreWriteError:
     return out
 
 
-__all__ = ["write_file_atomic", "read_error", "TEMP_PREFIX"]
+def replace_dir(work: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Swap a finished directory ``work`` in as ``out_dir``; an old ``out_dir`` is moved aside
+    first and removed only after the new one is in place (a reader never sees half of one).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "new").mkdir(); _ = (root / "new" / "a.txt").write_text("new")
+        >>> (root / "out").mkdir(); _ = (root / "out" / "a.txt").write_text("old")
+        >>> replace_dir(root / "new", root / "out")
+        >>> (root / "out" / "a.txt").read_text(), sorted(p.name for p in root.iterdir())
+        ('new', ['out'])
+    """
+    work, out_dir = Path(work), Path(out_dir)
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(work, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["write_file_atomic", "read_error", "replace_dir", "TEMP_PREFIX"]

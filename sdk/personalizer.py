@@ -40,7 +40,7 @@ from .metrics import merge_batches, mean_loss, perplexity, task_metrics
 from .runtime import cuda_available, is_out_of_memory
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
-from .trainer import BackendChoice, Device, OrtTrainingSession, PortableTrainingSession, open_training_session
+from .trainer import BackendChoice, Device, open_training_session
 from .training_loop import LoopOutcome, StopReason, run_training
 from .training_plan import Schedule, TrainingPlan, learning_rate_for_size, plan_training
 
@@ -393,11 +393,13 @@ class Personalizer:
             (True, 0.61, 0.78, 51812)
         """
         _check_user(user)
+        if encoding not in get_args(Encoding):
+            raise InvalidArgumentError(f"encoding must be fp32, fp16 or int8, got {encoding!r}")
         start_values, own = self._start_values(user, reset)
         fit = self.fit(user_data, start=start_values, user=user,
                        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, holdout=holdout,
                        schedule=schedule, max_steps=max_steps, max_seconds=max_seconds, seed=seed, progress=progress,
-                       progress_bar=progress_bar, encoding=encoding, patience=patience, max_examples=max_examples)
+                       progress_bar=progress_bar, patience=patience, max_examples=max_examples)
         started_from = "previous-delta" if own else ("population" if start_values is not None else "base")
         reference, population = self._reference()
         info = {**fit.info(), "seed": seed, "started_from": started_from}
@@ -443,7 +445,6 @@ class Personalizer:
         seed: int = 0,
         progress: ProgressCallback | None = None,
         progress_bar: bool | None = False,
-        encoding: Encoding = "fp16",
         patience: int | None = None,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
     ) -> "FitResult":
@@ -460,7 +461,7 @@ class Personalizer:
         """
         manifest = self.bundle.manifest
         rate, rate_from = _learning_rate(learning_rate, manifest)
-        _check_options(epochs, rate, batch_size, max_steps, max_seconds, patience, encoding, holdout, schedule)
+        _check_options(epochs, rate, batch_size, max_steps, max_seconds, patience, holdout, schedule)
         started = time.perf_counter()
         examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
         plan = plan_training(len(examples), learning_rate=rate, learning_rate_from=rate_from, epochs=epochs,
@@ -683,7 +684,7 @@ def _check_user(user: Any) -> None:
 
 
 def _check_options(epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_seconds: Any,
-                   patience: Any, encoding: Any, holdout: Any = None, schedule: Any = "warmup-linear") -> None:
+                   patience: Any, holdout: Any = None, schedule: Any = "warmup-linear") -> None:
     problems = []
     if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
         problems.append(f"epochs must be an int >= 1 or None (the SDK's step budget), got {epochs!r}")
@@ -697,8 +698,6 @@ def _check_options(epochs: Any, lr: Any, batch_size: Any, max_steps: Any, max_se
         problems.append(f"max_seconds must be a positive number or None, got {max_seconds!r}")
     if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
         problems.append(f"patience must be an int >= 1 or None, got {patience!r}")
-    if encoding not in ("fp32", "fp16", "int8"):
-        problems.append(f"encoding must be fp32, fp16 or int8, got {encoding!r}")
     if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1):
         problems.append(f"holdout must be in [0, 1) or None (chosen from the data), got {holdout!r}")
     if schedule not in get_args(Schedule):

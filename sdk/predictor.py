@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 from .bundle import Bundle
 from .data import TextEncoder, as_feature_dict, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
-from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError, ProviderUnavailableError
+from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError
 from .options import DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, open_store
 from .population import check_population_name, load_population
 from .population import offsets as population_offsets
