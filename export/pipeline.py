@@ -70,7 +70,14 @@ def resolve_source(
     max_length: int = 128,
     output_names: list[str] | None = None,
 ) -> sources.SourceGraph:
-    """Turn any accepted model form into a SourceGraph (see ``export_bundle``)."""
+    """Turn any accepted model form into a SourceGraph (see ``export_bundle``).
+
+    Example:
+        >>> import torch
+        >>> src = resolve_source(torch.nn.Linear(3, 2), example_inputs={"x": torch.ones(1, 3)})
+        >>> src.kind, src.param_names
+        ('torch', ['weight', 'bias'])
+    """
     if isinstance(model, sources.SourceGraph):
         return model
     if isinstance(model, str) and model == "minilm":
@@ -145,6 +152,14 @@ def export_bundle(
     writes them where that package is installed, ``"required"`` fails without it,
     ``"never"`` skips them. The manifest's ``training_backends`` says which backends the
     bundle has and why one is missing.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> b = export_bundle(net, "/tmp/bitfit-doc-export", example_inputs=(torch.randn(2, 4),), labels=["no", "yes"],
+        ...                   ort_training="never", overwrite=True)
+        >>> [i.name for i in b.manifest.inputs], b.manifest.backend_available("portable"), b.manifest.policy["trainable_values"]
+        (['input'], True, 10)
     """
     out_dir = Path(out_dir)
     _check_options(out_dir, overwrite=overwrite, policy=policy, loss=loss, optimizer=optimizer, ort_training=ort_training,

@@ -49,7 +49,12 @@ FORMAT_1_PORTABLE_REASON = (
 
 @dataclass(frozen=True)
 class IOSpec:
-    """One model input or output: name, element type and shape (ints or symbolic names)."""
+    """One model input or output: name, element type and shape (ints or symbolic names).
+
+    Example:
+        >>> IOSpec("x", "float32", ["batch", 4]).shape
+        ['batch', 4]
+    """
 
     name: str
     dtype: str
@@ -63,6 +68,11 @@ class TrainableTensor:
     ``inference_shape`` is the shape the inference model's overridable input takes for
     a single user (``[1, d]`` for a per-row bias: feed ``[batch, d]`` to give each row
     its own bias; equal to ``shape`` otherwise).
+
+    Example:
+        >>> t = TrainableTensor("0.bias", [16], "float32", "bias", [1, 16])
+        >>> t.size, t.inference_shape
+        (16, [1, 16])
     """
 
     name: str
@@ -73,12 +83,23 @@ class TrainableTensor:
 
     @property
     def size(self) -> int:
+        """How many values the tensor holds.
+
+        Example:
+            >>> TrainableTensor("w", [2, 3], "float32", "bias", [2, 3]).size
+            6
+        """
         return int(np.prod(self.shape, dtype=np.int64))
 
 
 @dataclass(frozen=True)
 class TextSpec:
-    """How text becomes model inputs: the tokenizer file and the input names it fills."""
+    """How text becomes model inputs: the tokenizer file and the input names it fills.
+
+    Example:
+        >>> TextSpec("tokenizer.json", 64).attention_mask
+        'attention_mask'
+    """
 
     tokenizer: str
     max_length: int
@@ -89,6 +110,13 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One bundle file as the manifest lists it: relative path, sha256 and size.
+
+    Example:
+        >>> FileEntry("inference.onnx", "0" * 64, 1234).bytes
+        1234
+    """
+
     path: str
     sha256: str
     bytes: int
@@ -96,7 +124,13 @@ class FileEntry:
 
 @dataclass
 class Manifest:
-    """Everything a device needs to know about a bundle, as stored in ``manifest.json``."""
+    """Everything a device needs to know about a bundle, as stored in ``manifest.json``.
+
+    Example:
+        >>> m = _example_manifest()
+        >>> m.task, m.logits_output, m.trainable_shapes
+        ('classification', 'logits', {'0.bias': (3,)})
+    """
 
     base_fingerprint: str
     task: Task
@@ -129,32 +163,70 @@ class Manifest:
 
     @property
     def logits_output(self) -> str:
+        """The name of the model's first output (what losses and predictions read).
+
+        Example:
+            >>> _example_manifest().logits_output
+            'logits'
+        """
         return self.outputs[0].name
 
     def backend_available(self, backend: str) -> bool:
-        """Whether this bundle has the models of a training backend (see ``training_backends``)."""
+        """Whether this bundle has the models of a training backend (see ``training_backends``).
+
+        Example:
+            >>> _example_manifest().backend_available("ort-training")
+            False
+        """
         entry = self.training_backends.get(backend, {})
         return bool(entry.get("available")) and all(k in self.files for k in BACKEND_FILES.get(backend, ("?",)))
 
     def backend_reason(self, backend: str) -> str:
-        """Why a backend is not available (empty when it is)."""
+        """Why a backend is not available (empty when it is).
+
+        Example:
+            >>> _example_manifest().backend_reason("ort-training")
+            'exported with onnxruntime only'
+        """
         if self.backend_available(backend):
             return ""
         return str(self.training_backends.get(backend, {}).get("reason") or f"the bundle has no {backend} training models")
 
     @property
     def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each trainable tensor's training shape, by name.
+
+        Example:
+            >>> _example_manifest().trainable_shapes
+            {'0.bias': (3,)}
+        """
         return {t.name: tuple(t.shape) for t in self.trainable}
 
     def to_json(self) -> str:
-        """The manifest as JSON, with its ``checksum`` over every other field."""
+        """The manifest as JSON, with its ``checksum`` over every other field.
+
+        Example:
+            >>> import json
+            >>> sorted(json.loads(_example_manifest().to_json()))[:3]
+            ['base_fingerprint', 'checksum', 'created']
+        """
         fields = asdict(self)
         fields["checksum"] = manifest_checksum(fields)
         return json.dumps(fields, indent=2, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        """Parse and check a manifest; any problem is a BundleInvalidError."""
+        """Parse and check a manifest; any problem is a BundleInvalidError.
+
+        Example:
+            >>> text = _example_manifest().to_json()
+            >>> Manifest.from_json(text).labels
+            ['a', 'b', 'c']
+            >>> Manifest.from_json(text.replace('"a"', '"A"'))
+            Traceback (most recent call last):
+            ...
+            bitfit.sdk.errors.BundleInvalidError: manifest.json is damaged or was edited (its checksum does not match its content); ...
+        """
         try:
             raw = json.loads(text, parse_float=_written_float)
         except (ValueError, TypeError, RecursionError) as err:  # ValueError covers JSON and UTF-8 errors
@@ -395,6 +467,11 @@ class Bundle:
 
     ``verify`` controls the file check: "hashes" (default) re-hashes every listed file,
     "sizes" only compares sizes (fast start on slow storage), "none" trusts the files.
+
+    Example:
+        >>> b = Bundle.open("bundles/minilm-sentiment", verify="sizes")          # doctest: +SKIP
+        >>> b.file("inference_model").name, len(b.trainable_base())              # doctest: +SKIP
+        ('inference.onnx', 50)
     """
 
     def __init__(self, path: Path, manifest: Manifest):
@@ -434,13 +511,23 @@ class Bundle:
         return bundle
 
     def file(self, key: str) -> Path:
-        """Absolute path of a bundle file by its manifest key (e.g. "inference_model")."""
+        """Absolute path of a bundle file by its manifest key (e.g. "inference_model").
+
+        Example:
+            >>> Bundle(Path("/b"), _example_manifest()).file("inference_model")
+            PosixPath('/b/inference_model.onnx')
+        """
         if key not in self.manifest.files:
             raise BundleInvalidError(f"this bundle has no {key!r} file; re-export it with the option that writes one")
         return _inside(self.path, self.manifest.files[key].path)
 
     def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The base model's tensors (all, or only ``names``) as float arrays, from ``weights``."""
+        """The base model's tensors (all, or only ``names``) as float arrays, from ``weights``.
+
+        Example:
+            >>> Bundle.open("bundles/tiny").base_weights(["0.bias"])["0.bias"].shape   # doctest: +SKIP
+            (16,)
+        """
         from safetensors import SafetensorError
         from safetensors.numpy import safe_open
 
@@ -487,12 +574,24 @@ class Bundle:
         return problems
 
     def trainable_base(self) -> dict[str, np.ndarray]:
-        """The base values of the trainable tensors, in manifest order."""
+        """The base values of the trainable tensors, in manifest order.
+
+        Example:
+            >>> list(Bundle.open("bundles/tiny").trainable_base())                     # doctest: +SKIP
+            ['0.bias', '2.bias']
+        """
         return self.base_weights([t.name for t in self.manifest.trainable])
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temp file + fsync + rename)."""
+    """Write ``manifest.json`` atomically (temp file + fsync + rename).
+
+    Example:
+        >>> import tempfile
+        >>> path = write_manifest(tempfile.mkdtemp(), _example_manifest())
+        >>> Manifest.from_json(path.read_text()).task
+        'classification'
+    """
     path = Path(directory) / MANIFEST_NAME
     tmp = path.with_name(f".tmp-{MANIFEST_NAME}")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -504,6 +603,27 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
 
 
 def file_entry(directory: str | os.PathLike, relative: str) -> FileEntry:
-    """Hash and size of one bundle file, as recorded in the manifest."""
+    """Hash and size of one bundle file, as recorded in the manifest.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp()); _ = (folder / "a.bin").write_bytes(b"abc")
+        >>> file_entry(folder, "a.bin")
+        FileEntry(path='a.bin', sha256='ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad', bytes=3)
+    """
     full = Path(directory) / relative
     return FileEntry(path=relative, sha256=sha256_file(full), bytes=full.stat().st_size)
+
+
+def _example_manifest() -> Manifest:
+    """A small valid manifest for the examples in this module's docstrings."""
+    return Manifest(
+        base_fingerprint="sha256:" + "0" * 64, task="classification", loss="cross-entropy", optimizer="adamw",
+        inputs=[IOSpec("x", "float32", ["batch", 4])], outputs=[IOSpec("logits", "float32", ["batch", 3])],
+        trainable=[TrainableTensor("0.bias", [3], "float32", "bias", [1, 3])],
+        files={key: FileEntry(f"{key}.onnx", "0" * 64, 1) for key in ("inference_model", *BACKEND_FILES["portable"])}
+        | {"weights": FileEntry("weights.safetensors", "0" * 64, 1)},
+        policy={"name": "all-biases", "trainable_values": 3, "total_values": 15}, labels=["a", "b", "c"],
+        training_backends={"portable": {"available": True, "reason": ""},
+                           "ort-training": {"available": False, "reason": "exported with onnxruntime only"}},
+    )

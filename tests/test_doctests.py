@@ -1,10 +1,8 @@
 """Every public docstring example runs as written (examples marked +SKIP need a bundle on disk),
-and every public function, class and method has one.
+and every public function, class and method of bitfit.sdk and bitfit.export has one.
 
-The second check is a ratchet: ``docstring_examples_missing.json`` lists the public names that
-had no example when the check was made strict (132 on 2026-12-02). A name not on that list
-must have an example; a listed name that gains one must be removed from the list, so the list
-only shrinks until it is empty.
+(Until 2026-12-02 a ratchet list carried the names that still lacked an example, 132 at the
+start; it is empty now and gone: every public name must show an example.)
 """
 
 from __future__ import annotations
@@ -12,9 +10,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
-import json
 import pkgutil
-from pathlib import Path
 
 import pytest
 
@@ -55,18 +51,9 @@ def _public(module) -> list[tuple[str, object]]:
     return found
 
 
-KNOWN_MISSING: dict[str, list[str]] = json.loads(
-    (Path(__file__).with_name("docstring_examples_missing.json")).read_text(encoding="utf-8"))
-
-
 @pytest.mark.parametrize("name", _modules())
 def test_every_public_function_has_an_example(name: str) -> None:
-    """Every public function, class and method of bitfit.sdk and bitfit.export shows a ``>>>``
-    example, except the names the ratchet list still carries (and those must still lack one)."""
+    """Every public function, class and method of bitfit.sdk and bitfit.export shows a ``>>>`` example."""
     module = importlib.import_module(name)
-    missing = {n for n, obj in _public(module) if ">>>" not in (inspect.getdoc(obj) or "")}
-    known = set(KNOWN_MISSING.get(name, []))
-    new = sorted(missing - known)
-    assert not new, f"{name}: public names whose docstring has no >>> example: {new}"
-    fixed = sorted(known - missing)
-    assert not fixed, f"{name}: {fixed} now have examples (or are gone): remove them from docstring_examples_missing.json"
+    missing = sorted(n for n, obj in _public(module) if ">>>" not in (inspect.getdoc(obj) or ""))
+    assert not missing, f"{name}: public names whose docstring has no >>> example: {missing}"
