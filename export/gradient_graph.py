@@ -64,6 +64,8 @@ _NO_GRADIENT = frozenset({
 # Ops passing the gradient through unchanged (eval-mode Dropout, float casts, Identity).
 _PASS_THROUGH = frozenset({"Identity", "Dropout"})
 _RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Ops whose result is folded when every input is constant (static_value: Slice bounds).
+_FOLDABLE = frozenset({"Identity", "Cast", "Concat", "Reshape", "Squeeze", "Unsqueeze"})
 
 
 class NoPortableModel(UnsupportedModelError):
@@ -757,11 +759,18 @@ class _GradientBuilder:
         self.give(node.input[0], self.node("Concat", pieces, "split_back", axis=axis))
 
     def _grad_Slice(self, node):
+        """The input gradient of a unit-step Slice: the output gradient padded with zeros
+        before each sliced range (its clamped start) and after it (what the gradient's own
+        length leaves), so the ends are never needed."""
         data, g = node.input[0], self._g(node)
+        optional = [i for i in (3, 4) if len(node.input) > i and node.input[i]]
+        if any(self.static_value(node.input[i]) is None for i in [1, *optional]):
+            self._grad_Slice_runtime(node)
+            return
         rank = self.rank(data)
-        starts = self._constant_input(node, 1)
-        axes = self._constant_input(node, 3) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
-        steps = self._constant_input(node, 4) if len(node.input) > 4 and node.input[4] else [1] * len(starts)
+        starts = [int(v) for v in self.static_value(node.input[1]).ravel()]
+        axes = [int(v) for v in self.static_value(node.input[3]).ravel()] if 3 in optional else list(range(len(starts)))
+        steps = [int(v) for v in self.static_value(node.input[4]).ravel()] if 4 in optional else [1] * len(starts)
         if any(s != 1 for s in steps):
             raise NoPortableModel(f"Slice {node.name} has a step other than 1 on the training path")
         shape, grad_shape = self.shape_of(data), self.shape_of(g)
@@ -780,11 +789,73 @@ class _GradientBuilder:
         pads = self.node("Concat", begins + ends, "pads", axis=0)
         self.give(data, self.node("Pad", [g, pads], "slice_back"))
 
-    def _constant_input(self, node, index: int) -> list[int]:
-        name = node.input[index]
-        if name not in self.constants:
-            raise NoPortableModel(f"{node.op_type} {node.name} has data-dependent bounds on the training path")
-        return [int(v) for v in self.constants[name].ravel()]
+    def _grad_Slice_runtime(self, node):
+        """The same Pad where starts (or axes) are computed at run time, e.g. Llama's
+        ``rotate_half`` (``x[..., x.shape[-1] // 2:]``: starts from Shape / Div).
+
+        Each start is clamped as ONNX Slice does for a positive step (negative: + dim; then
+        into [0, dim]) on the graph itself, and the per-axis pads are scattered into a
+        zero vector of length 2 * rank at the (normalised) axes.
+        """
+        data, g = node.input[0], self._g(node)
+        if len(node.input) > 4 and node.input[4]:
+            steps = self.static_value(node.input[4])
+            if steps is None:
+                raise NoPortableModel(f"Slice {node.name} has steps computed at run time on the training path; "
+                                      "its gradient rule needs constant steps of 1")
+            if any(int(s) != 1 for s in steps.ravel()):
+                raise NoPortableModel(f"Slice {node.name} has a step other than 1 on the training path")
+        rank = self.rank(data)
+        int64 = onnx.TensorProto.INT64
+        zero = self.const(0, np.int64)
+        starts = self.node("Cast", [node.input[1]], "slice_starts", to=int64)
+        if len(node.input) > 3 and node.input[3]:
+            axes = self.node("Cast", [node.input[3]], "slice_axes", to=int64)
+            axes = self.node("Where", [self.node("Less", [axes, zero]), self.node("Add", [axes, self.const(rank, np.int64)]), axes])
+        else:
+            axes = self.node("Range", [zero, self.node("Squeeze", [self.node("Shape", [starts])]), self.const(1, np.int64)],
+                             "slice_axes")
+        dims = self.node("Gather", [self.shape_of(data), axes], "slice_dims")
+        begins = self.node("Where", [self.node("Less", [starts, zero]), self.node("Add", [starts, dims]), starts])
+        begins = self.node("Min", [self.node("Max", [begins, zero]), dims], "slice_begins")
+        lengths = self.node("Gather", [self.shape_of(g), axes], "slice_lengths")
+        after = self.node("Sub", [self.node("Sub", [dims, begins]), lengths], "slice_after")
+        pads = self.const([0] * (2 * rank), np.int64)
+        pads = self.node("ScatterElements", [pads, axes, begins], "pads_before", axis=0)
+        pads = self.node("ScatterElements", [pads, self.node("Add", [axes, self.const(rank, np.int64)]), after], "pads", axis=0)
+        self.give(data, self.node("Pad", [g, pads], "slice_back"))
+
+    def static_value(self, value: str) -> np.ndarray | None:
+        """The value of a constant, or of a small integer expression over constants (the
+        TorchScript exporter writes Slice's ``steps`` as ``Unsqueeze(Constant 1)``); None
+        where it depends on the inputs."""
+        if value in self.constants:
+            return self.constants[value]
+        node = self.producer.get(value) if hasattr(self, "producer") else None
+        if node is None or node.op_type not in _FOLDABLE or len(node.output) != 1:
+            return None
+        args = [self.static_value(i) if i else None for i in node.input]
+        if any(a is None for i, a in zip(node.input, args) if i):
+            return None
+        at = _attrs(node)
+        if node.op_type == "Identity":
+            out = args[0]
+        elif node.op_type == "Cast":
+            out = args[0].astype(helper.tensor_dtype_to_np_dtype(int(at["to"])))
+        elif node.op_type == "Concat":
+            out = np.concatenate([np.atleast_1d(a) for a in args], axis=int(at["axis"]))
+        elif node.op_type == "Reshape":
+            out = args[0].reshape([d if d else args[0].shape[i] for i, d in enumerate(args[1].tolist())])
+        else:  # Unsqueeze / Squeeze: axes as an input (opset 13+) or an attribute
+            axes = [int(a) for a in (args[1].ravel() if len(args) > 1 and args[1] is not None else at.get("axes", []))]
+            if node.op_type == "Unsqueeze":
+                out = args[0]
+                for axis in sorted(a % (args[0].ndim + len(axes)) for a in axes):
+                    out = np.expand_dims(out, axis)
+            else:
+                out = np.squeeze(args[0], axis=tuple(axes) if axes else None)
+        self.constants[value] = np.asarray(out)
+        return self.constants[value]
 
     def _grad_Gather(self, node):
         data, indices = node.input

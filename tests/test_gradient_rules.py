@@ -553,6 +553,53 @@ case("Slice-two-axes-negative")(lambda name: _slice_case(name, [1, -4], [4, -1],
 case("Slice-start-beyond-negative-extent")(lambda name: _slice_case(name, [-10], [3], [2], np.s_[:, :, :3]))
 case("Slice-no-axes")(lambda name: _slice_case(name, [0, 2, 1], [1000, 5, 6], None, np.s_[:, 2:5, 1:6]))
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _runtime_slice_case(name, bounds: list[onnx.NodeProto], inputs: list[str], python_slice, frozen=None, steps=None):
+    """Slice over ``h = x + b`` whose bounds ``bounds`` compute from ``Shape(h)`` at run time
+    (``dim0`` .. ``dim2``: 1-D extents); ``python_slice(h)`` is the same slice in torch."""
+    rng = rng_for(name)
+    frozen = {**(frozen or {}), **{f"i{k}": i64([k]) for k in range(4)}, "rows": i64(2)}
+    shape = [N("Shape", ["h"], ["shape"])] + [N("Slice", ["shape", f"i{k}", f"i{k + 1}"], [f"dim{k}"]) for k in range(3)]
+    return Case([N("Add", ["x", "b"], ["h"]), *shape, *bounds, N("Slice", ["h", *inputs], ["s"]), N("Tanh", ["s"], ["out"])],
+                {"x": normal(rng, BATCH, 5, 6)}, {"b": normal(rng, 6)},
+                lambda t: torch.tanh(python_slice(t["x"] + t["b"])), frozen=frozen)
+
+
+# Llama's rotate_half as the TorchScript exporter writes it: x[..., x.shape[-1] // 2:] with
+# starts from Shape / Gather / Div, and ends, axes and steps each Unsqueeze(a scalar Constant).
+case("Slice-runtime-start-rotate-half")(lambda name: _runtime_slice_case(
+    name, [N("Gather", ["shape", "two"], ["last_dim"]), N("Div", ["last_dim", "rows"], ["half"]),
+           N("Unsqueeze", ["half", "i0"], ["start"]), N("Constant", [], ["end0"], value=numpy_helper.from_array(i64(INT64_MAX))),
+           N("Unsqueeze", ["end0", "i0"], ["end"]), N("Unsqueeze", ["two", "i0"], ["axis"]),
+           N("Constant", [], ["one"], value=numpy_helper.from_array(i64(1))), N("Unsqueeze", ["one", "i0"], ["step"])],
+    ["start", "end", "axis", "step"], lambda h: h[..., h.shape[-1] // 2:], frozen={"two": i64(2)}))
+case("Slice-runtime-negative-start-and-end-int32")(lambda name: _runtime_slice_case(
+    name, [N("Div", ["dim2", "rows"], ["half"]), N("Neg", ["half"], ["neg_half"]), N("Sub", ["i1", "dim2"], ["one_minus"]),
+           N("Add", ["one_minus", "i4"], ["minus_one"]),
+           N("Cast", ["neg_half"], ["start32"], to=TensorProto.INT32), N("Cast", ["minus_one"], ["end32"], to=TensorProto.INT32)],
+    ["start32", "end32", "axis2"], lambda h: h[:, :, -3:-1], frozen={"axis2": np.array([2], np.int32), "i4": i64([4])}))
+case("Slice-runtime-clamped-starts-and-ends-no-axes")(lambda name: _runtime_slice_case(
+    name, [N("Mul", ["dim1", "minus3"], ["far_before"]), N("Mul", ["dim1", "hundred"], ["far_after"]),
+           N("Concat", ["i0", "far_before", "i2"], ["starts"], axis=0), N("Concat", ["big", "far_after", "big"], ["ends"], axis=0)],
+    ["starts", "ends"], lambda h: h[:, :, 2:], frozen={"minus3": i64([-3]), "hundred": i64([100]), "big": i64([INT64_MAX])}))
+case("Slice-runtime-start-on-the-batch-axis")(lambda name: _runtime_slice_case(
+    name, [N("Div", ["dim0", "rows"], ["half_batch"])], ["half_batch", "end", "i0"], lambda h: h[h.shape[0] // 2:],
+    frozen={"end": i64([INT64_MAX])}))
+case("Slice-runtime-axes-and-constant-steps")(lambda name: _runtime_slice_case(
+    name, [N("Size", ["shape"], ["rank0"]), N("Unsqueeze", ["rank0", "i0"], ["rank"]), N("Sub", ["rank", "i1"], ["last_axis"])],
+    ["i1", "five", "last_axis", "i1"], lambda h: h[:, :, 1:5], frozen={"five": i64([5])}))
+
+
+@case("Slice-runtime-start-beyond-the-end-gives-an-empty-slice")
+def _(name):  # starts 2 * dim > dim: clamped to dim, an empty slice whose gradient pads to zeros
+    built = _runtime_slice_case(name, [N("Mul", ["dim2", "rows"], ["beyond"])], ["beyond", "end", "i2"], lambda h: h[:, :, 12:],
+                                frozen={"end": i64([INT64_MAX])})
+    built.nodes[-1] = N("Concat", ["s", "h"], ["out"], axis=2)
+    built.torch_fn = lambda t: torch.cat([(t["x"] + t["b"])[:, :, 12:], t["x"] + t["b"]], 2)
+    return built
+
 
 def _gather(h: torch.Tensor, indices: np.ndarray, axis: int) -> torch.Tensor:
     """numpy-style ``take``: negative indices count from the end, the result has the indices' shape."""
@@ -745,6 +792,14 @@ def test_a_trainable_name_that_is_not_an_initializer_is_refused():
     with pytest.raises(NoPortableModel, match=r"trainable tensors \['nope'\] are not initializers"):
         build_portable_models(model, ["nope"], loss="mse", example_inputs=EXAMPLE)
 
+
+
+def test_a_slice_with_steps_computed_at_run_time_is_refused():
+    built = _runtime_slice_case("steps", [N("Sub", ["dim1", "i4"], ["step"])], ["i0", "big", "i1", "step"], lambda h: h,
+                                frozen={"big": i64([INT64_MAX]), "i4": i64([4])})
+    example = {k: v[:EXAMPLE_BATCH] for k, v in built.inputs.items()}
+    with pytest.raises(NoPortableModel, match="steps computed at run time"):
+        build_portable_models(to_model(built, 3), list(built.trainable), loss="mse", example_inputs=example)
 
 
 def test_torch_gelu_pattern_gets_the_shorter_closed_form():
