@@ -164,12 +164,17 @@ def _default_dynamic_axes(inputs: dict[str, np.ndarray], output_names: list[str]
 
 @contextlib.contextmanager
 def distinct_parameter_values(module: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Make every parameter and float buffer numerically distinct during export.
+    """Make every parameter numerically distinct during export.
 
     Why: both torch exporters merge initializers with identical values (zero-initialised
-    biases, fresh BatchNorm statistics), so names vanish and ORT's gradient builder fails
-    with ``Duplicate definition of name (..._grad)`` (notes, pitfall 4). We add a distinct
-    offset to each tensor, export, then write the true values back by name.
+    biases), so names vanish and ORT's gradient builder fails with ``Duplicate definition
+    of name (..._grad)`` (notes, pitfall 4). We add a distinct offset to each parameter,
+    export, then write the true values back by name.
+
+    Buffers are left alone: they never train, so a merged copy is harmless, while a
+    perturbed one can come out under another name and keep its offset (Llama's rotary
+    ``inv_freq`` becomes a ``Constant`` node, ``onnx::Expand_N``: a 1e-4 logit error that
+    grows with the position).
 
     Example:
         >>> import torch
@@ -185,7 +190,6 @@ def distinct_parameter_values(module: Any) -> Iterator[dict[str, np.ndarray]]:
 
     originals: dict[str, np.ndarray] = {}
     tensors = dict(module.named_parameters())
-    tensors.update({n: b for n, b in module.named_buffers() if b.is_floating_point()})
     with torch.no_grad():
         for index, (name, tensor) in enumerate(tensors.items()):
             originals[name] = tensor.detach().cpu().numpy().copy()

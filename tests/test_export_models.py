@@ -206,6 +206,52 @@ def test_plain_torchscript_export_would_merge_zero_biases(tmp_path):
     assert len([i for i in raw.graph.initializer if i.name.endswith(".bias")]) < 4
 
 
+class RotaryScaled(torch.nn.Module):
+    """A Linear whose output is scaled by cos(position x inv_freq), computed as Llama's rotary
+    embedding computes it: the TorchScript exporter writes the ``inv_freq`` buffer as a
+    ``Constant`` node named ``onnx::Expand_N``, not as an initializer named after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 4, 2).float() / 4)), persistent=False)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], dtype=torch.float32)[None, :, None].expand(x.shape[0], -1, -1)
+        freqs = (pos @ self.inv_freq[None, None, :].expand(x.shape[0], 1, -1))
+        return self.lin(x) * torch.cat([freqs, freqs], -1).cos()
+
+
+def test_a_buffer_exported_under_another_name_keeps_its_true_value():
+    """Export perturbs parameters to keep them apart, and restores them by name; a buffer
+    the exporter renames must not be perturbed at all (the offset would stay in the graph:
+    here 1e-3 of 40 radians at the last position)."""
+    from bitfit.export.sources import from_torch
+
+    torch.manual_seed(0)
+    model, x = RotaryScaled().eval(), torch.randn(2, 40, 4)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    src = from_torch(model, {"x": x})
+    assert "inv_freq" not in {i.name for i in src.model.graph.initializer}  # exported as a Constant node
+    ours = ort.InferenceSession(src.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(ours, run_torch(model, {"x": x.numpy()}), atol=1e-5)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+
+
+def test_fresh_batchnorm_statistics_of_equal_width_export_train_and_stay_frozen(tmp_path):
+    """Unperturbed buffers may be merged by the exporter (two fresh BatchNorms of one width
+    have equal statistics): harmless, since they never train."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 3)).eval()
+    image = torch.randn(2, 3, 8, 8)
+    bundle = export_bundle(model, tmp_path / "bn", example_inputs={"image": image})
+    assert [t.name for t in bundle.manifest.trainable] == ["0.bias", "1.bias", "3.bias", "4.bias", "7.bias"]
+    assert bundle.manifest.validation["inference_vs_source_max_abs_diff"] < 1e-5
+    assert bundle.manifest.backend_available("portable")
+
+
 def test_tuple_inputs_are_named_after_forward_and_dict_names_are_kept(tmp_path):
     """A tuple of example tensors takes forward()'s parameter names (SmallCNN.forward(self,
     image)); a dict's own names win over them."""
