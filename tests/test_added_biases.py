@@ -170,16 +170,7 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager", use_cache=False,
                          tie_word_embeddings=False)
-    model = LogitsOnly(LlamaForCausalLM(config).eval()).eval()
-    # sources.distinct_parameter_values perturbs every float buffer during export and restores
-    # only initializers named after one; the rotary inv_freq buffer is folded into other
-    # constants, so its perturbation stays in the graph (1e-4 logit error growing with the
-    # position). Holding it as a plain attribute keeps it out of that loop.
-    rotary = model.inner.model.rotary_emb
-    inv_freq = rotary.inv_freq
-    del rotary._buffers["inv_freq"]
-    rotary.inv_freq = inv_freq
-    return model
+    return LogitsOnly(LlamaForCausalLM(config).eval()).eval()
 
 
 def style_sequences(count: int, seed: int, length: int = 12) -> dict[str, np.ndarray]:
@@ -225,15 +216,46 @@ def test_llama_export_adds_counted_trainable_biases_and_keeps_the_outputs(llama_
     assert added["inner.model.layers.0.self_attn.k_proj.bias"]["shape"] == [16]  # grouped-query: 2 heads of 8
     assert manifest.policy["trainable_values"] == sum(int(np.prod(v["shape"])) for v in added.values())
     assert manifest.validation["inference_vs_source_max_abs_diff"] < 1e-5
+    assert "inner.model.rotary_emb.inv_freq" in dict(tiny_llama().named_buffers())  # a stock model, rotary buffer and all
     assert manifest.per_row
     base = llama_bundle.trainable_base()
     assert all(not base[n].any() for n in names)  # zero-initialised
 
 
+def test_llama_has_a_portable_model_whose_gradients_were_validated(llama_bundle):
+    # rotate_half's Slice (x[..., x.shape[-1] // 2:]) has starts computed at run time.
+    manifest = llama_bundle.manifest
+    assert manifest.backend_available("portable"), manifest.backend_reason("portable")
+    checked = manifest.validation["portable"]
+    assert checked["gradient_reference"] in ("onnxruntime-training gradient builder", "finite-differences")
+    assert checked["worst_gradient_error_relative"] <= checked["gradient_tolerance"]
+    assert manifest.source["portable"]["zero_gradient"] == []
+
+
+def test_llama_portable_gradients_equal_the_ort_training_ones(llama_bundle):
+    if not llama_bundle.manifest.backend_available("ort-training"):
+        pytest.skip("exported without onnxruntime-training: no gradient builder to compare with")
+    from bitfit.sdk.trainer import OrtTrainingSession
+
+    data = style_sequences(4, seed=3)
+    feeds, labels = {k: data[k] for k in ("input_ids", "attention_mask")}, data["labels"]
+    base = llama_bundle.trainable_base()
+    session = ort.InferenceSession(str(llama_bundle.file("portable_gradient_model")), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outs = dict(zip(names, session.run(None, {**feeds, "labels": labels, **base})))
+    loss, grads = OrtTrainingSession(llama_bundle).gradients(feeds, labels)
+    assert float(outs["loss"]) == pytest.approx(loss, rel=1e-5)
+    largest = max(float(np.abs(g).max()) for g in grads.values())
+    for name, expected in grads.items():
+        np.testing.assert_allclose(outs[name + "_grad"], expected, atol=1e-4 * largest, err_msg=name)
+
+
 def test_llama_personalization_lowers_held_out_loss_and_serves_per_row(llama_bundle, tmp_path):
     store = DeltaStore(tmp_path / "store")
     train, held = style_sequences(48, seed=0), style_sequences(16, seed=1)
-    Personalizer(llama_bundle, store).personalize(train, user="writer", epochs=6, learning_rate=0.05, batch_size=8, seed=0)
+    result = Personalizer(llama_bundle, store, backend="portable").personalize(train, user="writer", epochs=6,
+                                                                               learning_rate=0.05, batch_size=8, seed=0)
+    assert result.backend == "portable"
     predictor = Predictor(llama_bundle, store)
     before = held_out_loss(predictor, held, [None] * 16)
     after = held_out_loss(predictor, held, ["writer"] * 16)
@@ -319,3 +341,68 @@ def test_an_onnx_file_source_gets_biases_too(tmp_path):
     assert set(manifest.source["parameter_names"].values()) == {None}
     assert manifest.validation["inference_vs_source_max_abs_diff"] < 1e-6
     assert manifest.backend_available("portable")
+
+
+# -- validation of added biases -------------------------------------------------------------
+
+class BiasedThenBiasFree(nn.Module):
+    """Linear (own bias) -> RMSNorm whose scale is a bare Parameter ``norm1`` -> Linear without
+    bias: ``add_biases='all'`` adds ``norm1.bias`` (no module has it: ``norm1`` is a Parameter)
+    and ``out.bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 8)
+        self.norm1 = nn.Parameter(torch.ones(8) + 0.1)
+        self.out = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(RMSNormSwiGLU.rms(self.hidden(x), self.norm1))
+
+
+@pytest.fixture(scope="module")
+def mixed_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    model = BiasedThenBiasFree().eval()
+    example = {"x": torch.randn(2, 4)}
+    bundle = export_bundle(model, tmp_path_factory.mktemp("mixed") / "b", example_inputs=example, labels=["a", "b", "c"],
+                           add_biases="all")
+    from bitfit.export.sources import from_torch
+
+    return bundle, from_torch(model, example)
+
+
+def test_validation_checks_module_parameters_by_torch_and_added_biases_otherwise(mixed_bundle, monkeypatch):
+    from bitfit.export import validate
+
+    bundle, src = mixed_bundle
+    assert sorted(t.name for t in bundle.manifest.trainable) == ["hidden.bias", "norm1.bias", "out.bias"]
+    # The source's own torch forward, not one told which names to leave out: overriding
+    # norm1.bias by name would be a TypeError (norm1 is a Parameter, not a module).
+    with pytest.raises(TypeError):
+        src.torch_logits({"norm1.bias": torch.zeros(8)}, src.example_inputs)
+    checks = validate.validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)["portable"]
+    expected_rest = "onnxruntime-training gradient builder" if bundle.manifest.backend_available("ort-training") else "finite-differences"
+    assert checks["gradient_reference"] == f"torch-autograd + {expected_rest}"
+    assert checks["gradient_checks"]["torch-autograd"]["tensors"] == 1
+    assert checks["gradient_checks"][expected_rest]["tensors"] == 2
+    # Without the gradient builder the added biases are checked by finite differences.
+    monkeypatch.setattr(validate, "_ort_gradients", lambda *args: None)
+    checks = validate.validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)["portable"]
+    assert checks["gradient_reference"] == "torch-autograd + finite-differences"
+    assert checks["worst_gradient_error_relative"] <= checks["gradient_tolerance"]
+
+
+def test_validation_says_so_when_nothing_can_check_the_added_biases(mixed_bundle, monkeypatch):
+    from bitfit.export import validate
+    from bitfit.sdk.errors import ExportError
+
+    bundle, src = mixed_bundle
+    feeds, labels, base = src.example_inputs, np.array([0, 2], np.int64), bundle.trainable_base()
+    gradient = ort.InferenceSession(str(bundle.file("portable_gradient_model")), providers=["CPUExecutionProvider"])
+    loss, _, *values = gradient.run(None, {**feeds, "labels": labels, **base})
+    grads = dict(zip([o.name[: -len("_grad")] for o in gradient.get_outputs()[2:]], values))
+    monkeypatch.setattr(validate, "_ort_gradients", lambda *args: None)
+    monkeypatch.delitem(bundle.manifest.files, "portable_eval_model")  # no finite differences either
+    with pytest.raises(ExportError, match=r"nothing can check the portable gradients of \['(norm1|out).bias', '(norm1|out).bias'\]"):
+        validate._check_gradients(bundle, feeds, labels, base, float(loss), grads, src.torch_logits)
