@@ -194,8 +194,7 @@ def export_bundle(
             labels=labels, text=text, ignore_index=ignore_index, learning_rate=learning_rate,
             hf_task=hf_task)
         bundle = Bundle(work, manifest)
-        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference,
-                                              _without_added(src.torch_logits, chosen.added))
+        manifest.validation = validate_bundle(bundle, src.example_inputs, src.reference, src.torch_logits)
         write_manifest(work, manifest)
         _log_summary(out_dir, manifest, chosen, plan, started, verbose)
         _move_into_place(work, out_dir)
@@ -270,24 +269,6 @@ def _choose_trainable(forward: onnx.ModelProto, src: sources.SourceGraph, policy
     kinds.update({a.name: a.kind for a in added})
     return _TrainableChoice(names, selection, bias_uses_by_name(biases), {b.name: "bias" for b in biases}, copies,
                             unmatched, added, kinds)
-
-
-def _without_added(torch_logits: Any, added: list[AddedBias]) -> Any:
-    """The source's torch forward, given overrides only for tensors the source module has.
-
-    Why: an added bias is no parameter of the module; overriding it by name either does
-    nothing (no gradient) or fails (``norm.bias`` where ``norm`` is a Parameter, not a
-    module). Without its override autograd gives no gradient for it, and validation checks
-    the portable gradients against ORT's gradient builder or finite differences instead.
-    """
-    if torch_logits is None or not added:
-        return torch_logits
-    names = {a.name for a in added}
-
-    def forward(overrides: dict[str, Any], feeds: dict[str, np.ndarray]) -> Any:
-        return torch_logits({k: v for k, v in overrides.items() if k not in names}, feeds)
-
-    return forward
 
 
 def _with_norm_shifts(biases: list[BiasInfo], added: list[AddedBias]) -> list[BiasInfo]:
