@@ -84,6 +84,8 @@ build-backend = "hatchling.build"
 [project]
 name = "bitfit-fleet"
 version = "1.0.0"
+description = "bitfit fleet: federated BitFit population delta"
+license = "MIT"
 dependencies = []
 
 [tool.hatch.build.targets.wheel]

@@ -300,3 +300,79 @@ def test_federate_simulate_cli_runs_rounds_on_the_simulation_engine(text_bundle,
     assert all(sorted(r["clients"]) == ["client0", "client1"] and len(r["dropped"]) == 1 for r in rounds)
     assert DeltaStore(out / "store").versions("population") == [1, 2]
     assert "round 2: population v2" in run.stdout
+
+
+# ---------------------------------------------------------------------------- Flower's deployment engine
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.integration
+def test_deployment_engine_superlink_and_two_supernodes_run_two_rounds(text_bundle, tmp_path):
+    """A real SuperLink and two SuperNodes on localhost run the generated app for two rounds."""
+    import os
+
+    from bitfit.sdk.fleet_run import write_app_project
+
+    files = write_clients(tmp_path / "data", 2)
+    store = tmp_path / "server" / "store"
+    app = write_app_project(tmp_path / "app", {"bundle": str(text_bundle), "store": str(store), "num-server-rounds": 2,
+                                               "clients": 2, "min-clients": 2, "steps-per-round": 3,
+                                               "learning-rate": 0.05, "round-timeout": 120.0})
+    # flwr 1.42 serves the Runtime, Control and Fleet APIs on one HTTP port (--host/--port).
+    link, node0, node1 = _free_ports(3)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n', encoding="utf-8")
+    bin_dir = Path(sys.executable).parent
+    # The SuperLink and SuperNodes start flower-superexec / flwr-serverapp / flwr-clientapp from PATH.
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+
+    def start(name: str, *args: str) -> None:
+        fh = open(logs / f"{name}.log", "w")
+        procs.append((subprocess.Popen([str(bin_dir / args[0]), *args[1:]], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                       cwd=tmp_path), fh))
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--database", str(tmp_path / "link.db"),
+              "--host", "127.0.0.1", "--port", str(link))
+        for i, port in enumerate((node0, node1)):
+            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--host", "127.0.0.1", "--port", str(port),
+                  "--node-config", f"partition-id={i} num-partitions=2 data-file='{files[i]}'")
+        time.sleep(5)
+        # `flwr run` submits the run and returns; the SuperLink runs it with the two SuperNodes.
+        run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "fleet"], capture_output=True, text=True, env=env,
+                             timeout=120, cwd=tmp_path)
+        (logs / "flwr-run.log").write_text(run.stdout + run.stderr)
+        deadline = time.monotonic() + 300
+        while run.returncode == 0 and time.monotonic() < deadline and len(read_rounds(store.parent)) < 2:
+            time.sleep(2)
+    finally:
+        for proc, fh in procs:
+            proc.terminate()
+        for proc, fh in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            fh.close()
+    detail = "".join((logs / f).read_text()[-2000:] for f in ("flwr-run.log", "superlink.log", "supernode0.log"))
+    rounds = read_rounds(store.parent)
+    assert [r["ok"] for r in rounds] == [True, True], detail
+    assert DeltaStore(store).versions("population") == [1, 2]
+    assert sorted(DeltaStore(store).load("population").info["clients"]) == ["client0", "client1"]
