@@ -549,7 +549,8 @@ def render_section(run: QualityRun, *, command: str, plot: str | None = None) ->
         lines += _table(["suite", "user", "learning rate", "epochs run", "steps", "stopped by", "kept step/epoch", "saved",
                          "inner holdout"], sdk_rows)
     if plot:
-        lines += ["", f"![per-user accuracy by method]({plot})"]
+        lines += ["", f"![per-user accuracy by method]({plot})", "",
+                  "(Each panel's axis starts below its lowest bar, so the SMS panels' small differences show.)"]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -611,8 +612,10 @@ def plot(run: QualityRun, path: Path) -> Path:
             values = [r.get(m, np.nan) for r in rows]
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=names[m], color=colors[m])
         ax.set_xticks(x, [f"{r['user']}\n({r['role']})" for r in rows], fontsize=7)
-        ax.set_ylim(0, 1.22)
-        ax.set_yticks(np.arange(0, 1.01, 0.2))
+        # Near-saturated suites (SMS) start the axis below their lowest bar, so differences show.
+        low = max(0.0, math.floor((min(r.get(m, 1.0) for r in rows for m in methods) - 0.05) * 10) / 10)
+        ax.set_ylim(low, 1 + 0.22 * (1 - low))
+        ax.set_yticks(np.linspace(low, 1.0, 6))
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{suite}: per-user test accuracy (learning rates tuned on the tuning users only)", fontsize=9)
         ax.legend(fontsize=7, ncol=len(methods), loc="upper center", frameon=False)
