@@ -458,11 +458,13 @@ def as_feature_dict(features: Any, manifest: Manifest) -> dict[str, Any]:
     if isinstance(features, Mapping):
         return dict(features)
     names = [i.name for i in manifest.inputs]
-    if len(names) == 1 and isinstance(features, (np.ndarray, list, tuple)):
+    if len(names) == 1 and isinstance(features, np.ndarray):
+        return {names[0]: features}
+    if len(names) == 1 and isinstance(features, (list, tuple)) and not any(isinstance(x, (str, bytes)) for x in features):
         return {names[0]: features}
     if len(names) == 1:
-        raise InvalidUserDataError(f"this bundle takes one numeric input {names[0]!r}: pass an array (rows = examples), "
-                                   f"got {type(features).__name__}")
+        raise InvalidUserDataError(f"this bundle takes numeric inputs, one array {names[0]!r} (rows = examples); "
+                                   f"got {type(features).__name__}" + (" of text" if isinstance(features, (list, tuple)) else ""))
     raise InvalidUserDataError(f"this bundle takes {len(names)} numeric inputs: pass a dict of arrays named {names}")
 
 

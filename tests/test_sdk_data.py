@@ -16,7 +16,7 @@ from bitfit.sdk.bundle import Bundle, TextSpec
 from bitfit.sdk.data import (
     TextEncoder, batches, check_text, encode_labels, load_examples, normalize_records, split_holdout,
 )
-from bitfit.sdk.errors import BundleInvalidError, InvalidUserDataError
+from bitfit.sdk.errors import InvalidArgumentError, BundleInvalidError, InvalidUserDataError
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
 from sdk_fixtures import MAX_LENGTH, VOCAB, build_tokenizer, text_data, write_csv, write_jsonl
@@ -119,23 +119,19 @@ def test_bundle_with_a_broken_tokenizer_is_refused(text_bundle, tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(count=st.integers(0, 200), fraction=st.floats(0, 0.95), seed=st.integers(0, 2**16))
-def test_split_holdout_is_a_partition(count, fraction, seed):
-    train, held = split_holdout(count, fraction, np.random.default_rng(seed))
+@given(count=st.integers(1, 200), share=st.floats(0, 0.95), seed=st.integers(0, 2**16))
+def test_split_holdout_is_a_partition(count, share, seed):
+    size = min(count - 1, int(count * share))
+    train, held = split_holdout(count, size, np.random.default_rng(seed))
     assert sorted([*train.tolist(), *held.tolist()]) == list(range(count))
-    if count >= 1:
-        assert len(train) >= 1
-    if fraction > 0 and count >= 4:
-        assert len(held) >= 1
-    if fraction == 0:
-        assert len(held) == 0
-    again = split_holdout(count, fraction, np.random.default_rng(seed))
+    assert len(held) == size and len(train) == count - size >= 1
+    again = split_holdout(count, size, np.random.default_rng(seed))
     assert train.tolist() == again[0].tolist() and held.tolist() == again[1].tolist()
 
 
-def test_split_holdout_refuses_bad_fractions():
-    for bad in (-0.1, 1.0, 2):
-        with pytest.raises(InvalidUserDataError, match="holdout"):
+def test_split_holdout_refuses_bad_sizes():
+    for bad in (-1, 10, 11, 0.5, True):
+        with pytest.raises(InvalidArgumentError, match="holdout size must be an int in"):
             split_holdout(10, bad, np.random.default_rng(0))
 
 

@@ -17,7 +17,7 @@ DELTA_BUDGET = 52 * 1024  # bytes: docs/delta-format.md, "within the 52 KiB a de
 
 @pytest.mark.integration
 def test_minilm_personalizes_on_real_tweets_within_the_delta_budget(minilm_bundle, tmp_path):
-    from bitfit.export.datasets import load_tweets, sample
+    from demo.datasets import load_tweets, sample
 
     tweets = [(t.text, t.label) for t in sample(load_tweets(), 60, seed=0)]
     weights = minilm_bundle.file("weights")

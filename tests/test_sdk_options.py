@@ -157,12 +157,12 @@ def test_predictor_takes_verify_like_personalizer(text_bundle, tmp_path):
 def test_personalize_takes_the_bundles_learning_rate(text_bundle, numeric_bundle, tmp_path):
     manifest = Bundle.open(text_bundle).manifest
     # A small model (21 k values): the rate for its size (docs/personalize.md), recorded at export.
-    assert manifest.training_defaults == {"learning_rate": 0.0427}
+    assert manifest.training_defaults == {"learning_rate": 0.0497}
     p = Personalizer(text_bundle, store=tmp_path)
     r = p.personalize(text_data(32), user="alice", **TRAIN)
-    assert r.learning_rate == 0.0427 and p.predict(PROBES, user="alice").labels == PROBE_LABELS
+    assert r.learning_rate == 0.0497 and p.predict(PROBES, user="alice").labels == PROBE_LABELS
     info = p.store.load("alice").info
-    assert info["learning_rate"] == 0.0427 and info["learning_rate_from"] == "bundle"
+    assert info["learning_rate"] == 0.0497 and info["learning_rate_from"] == "bundle"
     r = p.personalize(text_data(32), user="bob", learning_rate=3e-3, **TRAIN)
     info = p.store.load("bob").info
     assert r.learning_rate == 3e-3 and info["learning_rate"] == 3e-3 and info["learning_rate_from"] == "argument"
@@ -208,7 +208,7 @@ def test_export_records_the_learning_rate_and_prints_nothing_unless_asked(tmp_pa
     assert capsys.readouterr().out == ""  # library code does not print unasked
     export_bundle(model, tmp_path / "b", example_inputs=example, overwrite=True, verbose=True)
     assert "trainable tensors" in capsys.readouterr().out
-    assert default_learning_rate(22_566_531) == 4e-3 and default_learning_rate(20_866) == 0.0427
+    assert default_learning_rate(22_566_531) == 4e-3 and default_learning_rate(20_866) == 0.0497
     for bad in (0, -1.0, float("nan"), "0.01"):
         with pytest.raises(ExportError, match="learning_rate must be a positive number"):
             export_bundle(model, tmp_path / "c", example_inputs=example, learning_rate=bad)

@@ -29,7 +29,7 @@ def trained_store(bundle, root, users=("alice", "bob")) -> DeltaStore:
     data = text_data(32)
     for user in users:
         rows = data if user == "alice" else [(t, "pos") for t, _ in data]
-        p.personalize(rows, user=user, **QUICK)
+        p.personalize(rows, user=user, holdout=0.0, **QUICK)  # every example trains: a fixed, known delta
     return p.store
 
 
@@ -305,7 +305,7 @@ def test_predict_while_another_thread_personalizes_and_invalidates(text_bundle, 
     import threading
 
     p = Personalizer(text_bundle, store=tmp_path / "store")
-    p.personalize(text_data(24), user="u", **QUICK)
+    p.personalize(text_data(24), user="u", holdout=0.0, **QUICK)  # holdout 0: every call saves a version
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -323,7 +323,7 @@ def test_predict_while_another_thread_personalizes_and_invalidates(text_bundle, 
         t.start()
     try:
         for seed in range(3):
-            p.personalize(text_data(24, seed=seed), user="u", **QUICK)
+            p.personalize(text_data(24, seed=seed), user="u", holdout=0.0, **QUICK)
     finally:
         stop.set()
         for t in threads:
