@@ -82,6 +82,24 @@ def test_parse_misbehave_and_settings_refuse_bad_values() -> None:
         ClientSettings(bundle="b", eval_fraction=1.0)
 
 
+def test_simulate_settings_refuse_missing_data_and_too_many_clients(tmp_path: Path) -> None:
+    from bitfit.sdk.cli import main
+    from bitfit.sdk.errors import InvalidUserDataError
+    from bitfit.sdk.fleet_run import settings_for_simulation
+
+    with pytest.raises(InvalidArgumentError, match="is not a directory"):
+        settings_for_simulation("b", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidUserDataError, match="no .jsonl or .csv data files"):
+        settings_for_simulation("b", str(tmp_path / "empty"), str(tmp_path / "out"))
+    write_clients(tmp_path / "data", 2)
+    with pytest.raises(InvalidArgumentError, match="--clients must be between 1 and the 2 data files"):
+        settings_for_simulation("b", str(tmp_path / "data"), str(tmp_path / "out"), clients=3)
+    # The command reports it as a typed error with exit status 2, before starting Flower.
+    assert main(["federate", "simulate", "b", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                 "--clients", "3"]) == 2
+
+
 def test_fleet_modules_import_without_flwr() -> None:
     code = ("import sys; sys.modules['flwr'] = None\n"
             "import bitfit.sdk.fleet_client, bitfit.sdk.fleet_server, bitfit.sdk.fleet_run, bitfit.sdk.cli_federate\n"
@@ -316,6 +334,18 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _wait_for_port(port: int, seconds: float) -> bool:
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
 @pytest.mark.integration
 def test_deployment_engine_superlink_and_two_supernodes_run_two_rounds(text_bundle, tmp_path):
     """A real SuperLink and two SuperNodes on localhost run the generated app for two rounds."""
@@ -350,14 +380,18 @@ def test_deployment_engine_superlink_and_two_supernodes_run_two_rounds(text_bund
     try:
         start("superlink", "flower-superlink", "--insecure", "--database", str(tmp_path / "link.db"),
               "--host", "127.0.0.1", "--port", str(link))
+        assert _wait_for_port(link, 120), "the SuperLink did not open its port within 120s"
         for i, port in enumerate((node0, node1)):
             start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                   "--host", "127.0.0.1", "--port", str(port),
                   "--node-config", f"partition-id={i} num-partitions=2 data-file='{files[i]}'")
-        time.sleep(5)
         # `flwr run` submits the run and returns; the SuperLink runs it with the two SuperNodes.
-        run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "fleet"], capture_output=True, text=True, env=env,
-                             timeout=120, cwd=tmp_path)
+        for attempt in range(3):  # a busy machine can be slow to serve the first request
+            run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "fleet"], capture_output=True, text=True,
+                                 env=env, timeout=120, cwd=tmp_path)
+            if run.returncode == 0:
+                break
+            time.sleep(5)
         (logs / "flwr-run.log").write_text(run.stdout + run.stderr)
         deadline = time.monotonic() + 300
         while run.returncode == 0 and time.monotonic() < deadline and len(read_rounds(store.parent)) < 2:
