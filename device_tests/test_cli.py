@@ -36,8 +36,9 @@ def test_personalize_predict_and_manage_deltas(bitfit_command, text_bundle, tmp_
     row = json.loads(done.stdout.splitlines()[0])
     assert row["label"] == "pos" and abs(sum(row["probabilities"]) - 1) < 1e-3
 
+    # One more step on the same data: a holdout could say it did not help (nothing saved); --holdout 0 saves v2.
     assert run(bitfit_command, "personalize", text_bundle, "--user", "alice", "--data", data, "--store", store,
-               "--max-steps", "1").returncode == 0
+               "--max-steps", "1", "--holdout", "0").returncode == 0
     listed = run(bitfit_command, "deltas", store, "list")
     assert listed.returncode == 0 and listed.stdout.strip() == "alice\tcurrent v2\tversions [1, 2]"
     rolled = run(bitfit_command, "deltas", store, "rollback", "--user", "alice")
