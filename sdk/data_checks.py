@@ -31,7 +31,8 @@ MIN_MEANINGFUL_HOLDOUT = 20
 
 
 
-def data_warnings(task: Task, examples: Examples, held: Examples, *, label_names: Sequence[str] | None = None) -> list[str]:
+def data_warnings(task: Task, examples: Examples, held: Examples, *, label_names: Sequence[str] | None = None,
+                  holdout_asked: bool = False) -> list[str]:
     """Plain-language warnings about ``examples`` (all of them) and the ``held`` holdout.
 
     Example:
@@ -61,12 +62,11 @@ def data_warnings(task: Task, examples: Examples, held: Examples, *, label_names
         if len(never):
             found.append(f"label(s) {', '.join(name(int(i)) for i in never[:5])} are never set in the data: "
                          "the model learns to never predict them")
-    if len(held) == 0:
-        why = (f"{len(examples)} examples are too few to hold any out; give {MIN_HOLDOUT_DATA} or more"
-               if len(examples) < MIN_HOLDOUT_DATA else "holdout=0 was asked for")
-        found.append(f"no holdout ({why}): nothing checks that the new delta is better than where the user started, "
-                     "and training runs its full length")
-    elif len(held) < MIN_MEANINGFUL_HOLDOUT and not examples.causal_lm:
+    if len(held) == 0 and not holdout_asked:  # holdout=0 given: the caller's informed choice, not news
+        found.append(f"no holdout ({len(examples)} examples are too few to hold any out; give {MIN_HOLDOUT_DATA} or "
+                     "more): nothing checks that the new delta is better than where the user started, and training "
+                     "runs its full length")
+    elif 0 < len(held) < MIN_MEANINGFUL_HOLDOUT and not examples.causal_lm:
         steps = (f"its before/after accuracy moves in steps of {100 / len(held):.0f} points"
                  if task == "classification" else "its before/after scores are noisy")
         found.append(f"the holdout has {len(held)} examples: {steps}, so read them as rough")

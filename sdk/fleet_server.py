@@ -48,6 +48,10 @@ DEFAULT_POPULATION = "population"
 ROUNDS_FILE = "rounds.jsonl"
 
 
+POPULATION_RETENTION = 1_000_000
+"""Population versions the server's store keeps (all, in practice; each is ~100 KB)."""
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     """How the server runs a fleet.
@@ -326,7 +330,9 @@ def run_fleet(grid: Any, settings: FleetSettings, on_round: Callable[[RoundRepor
     manifest = bundle.manifest
     base = bundle.trainable_base()
     shapes = {n: tuple(np.shape(v)) for n, v in base.items()}
-    store = DeltaStore(settings.store)
+    # Every population version stays: a user delta is applied on the version it was trained on
+    # (bitfit.sdk.population), and pruning one would send those users back to the current one.
+    store = DeltaStore(settings.store, retention=POPULATION_RETENTION)
     current = dict(base)
     if settings.resume:
         try:

@@ -471,7 +471,8 @@ class Personalizer:
         classes = examples.labels if manifest.loss == "cross-entropy" else None
         train_index, holdout_index = split_holdout(len(examples), plan.holdout, rng, labels=classes)
         train, held = examples.subset(train_index), examples.subset(holdout_index)
-        warnings = data_warnings(manifest.task, examples, held, label_names=manifest.labels)
+        warnings = data_warnings(manifest.task, examples, held, label_names=manifest.labels,
+                                 holdout_asked=holdout is not None and len(held) == 0)
         for text in warnings:
             log.warning("user %r: %s", user, text)
         start_values = dict(start) if start is not None else None

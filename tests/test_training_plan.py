@@ -323,6 +323,10 @@ def test_under_twenty_examples_warns_there_is_no_holdout(numeric_bundle, tmp_pat
     result = Personalizer(numeric_bundle, store=tmp_path / "store").personalize(numeric_data(15, seed=3), user="ana", **QUIET)
     (warning,) = [w for w in result.warnings if w.startswith("no holdout")]
     assert "15 examples" in warning and "20 or more" in warning and "nothing checks" in warning
+    # holdout=0 given is the caller's choice: no warning about it (a fleet client asks for it every round).
+    asked = Personalizer(numeric_bundle, store=tmp_path / "s2").personalize(numeric_data(60, seed=3), user="bo",
+                                                                         holdout=0.0, **QUIET)
+    assert asked.holdout_examples == 0 and not [w for w in asked.warnings if "holdout" in w]
 
 
 def test_a_rare_class_warns_naming_it(numeric_bundle, tmp_path):
