@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bitfit.sdk.bundle import Bundle
-from bitfit.sdk.atomic_files import replace_dir, write_file_atomic
+from bitfit.sdk.atomic_files import building_dir, write_file_atomic
 from bitfit.sdk.delta import Delta, Encoding, check_delta_fits
 from bitfit.sdk.errors import BundleInvalidError, DeltaMismatchError, ExportError, InvalidArgumentError
 from bitfit.sdk.store import DeltaStore
@@ -243,18 +243,12 @@ def save_merged_hf_model(bundle: Bundle, delta: Delta, model_dir: str | os.PathL
     with torch.no_grad():
         for source, value in state.items():
             params[source].copy_(torch.from_numpy(value))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with building_dir(out_dir) as work:
         model.save_pretrained(str(work))
         for extra in Path(model_dir).iterdir():
             if extra.is_file() and (extra.name.startswith("tokenizer") or extra.name in ("vocab.txt", "special_tokens_map.json",
                                                                                          "merges.txt", "vocab.json")):
                 shutil.copyfile(extra, work / extra.name)
-        replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     report.path = out_dir
     return report
 
@@ -329,15 +323,9 @@ def save_beft_adapter(bundle: Bundle, delta: Delta, out_dir: str | os.PathLike, 
               "base_model_name_or_path": base_model_name_or_path, "init_weights": True, "inference_mode": True,
               "modules_to_save": None, "revision": None, "auto_mapping": None}
     tensors = {BEFT_PREFIX + module + BEFT_SUFFIX: value for module, value in vectors.items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with building_dir(out_dir) as work:
         (work / BEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (work / BEFT_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
-        replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     report.path = out_dir
     return report
 

@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import StoreReadError, StoreWriteError
@@ -135,4 +136,28 @@ def replace_dir(work: str | os.PathLike, out_dir: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["write_file_atomic", "read_error", "replace_dir", "TEMP_PREFIX"]
+@contextlib.contextmanager
+def building_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A fresh directory beside ``out_dir`` to fill; on success it replaces ``out_dir``
+    (``replace_dir``), on any error it is removed and ``out_dir`` is left as it was.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "adapter"
+        >>> with building_dir(out) as work:
+        ...     _ = (work / "config.json").write_text("{}")
+        >>> sorted(p.name for p in out.iterdir())
+        ['config.json']
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield work
+        replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+__all__ = ["write_file_atomic", "read_error", "replace_dir", "building_dir", "TEMP_PREFIX"]
