@@ -36,6 +36,13 @@ LEARNING_RATE = "learning_rate"
 STEP = "step"
 MIN_OPSET = 13  # ReduceSum-style axes inputs and the op versions the spec allows
 MAX_IR_VERSION = 10  # onnxruntime 1.19.2 refuses models stamped with a newer IR version
+# What ORT 1.19.2's optimizer models compute (checked against onnxblock's AdamW/SGD blocks and
+# by tests/test_parity.py); the learning rate is set by the trainer at run time.
+OPTIMIZER_SETTINGS = {
+    "adamw": {"betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True,
+              "epsilon_placement": "huggingface (added before bias correction, adam_mode=1)"},
+    "sgd": {"momentum": 0.0, "weight_decay": 0.0, "update": "w -= lr * grad"},
+}
 
 # Suffixes of the per-tensor inputs and outputs; the spec (docs/portable-training.md) names them.
 GRAD, EXP_AVG, EXP_AVG_SQ, OUT = "_grad", "_exp_avg", "_exp_avg_sq", "_out"
@@ -69,7 +76,7 @@ def build_optimizer_model(
         tensors: the trainable tensors in manifest order, each ``(name, shape)``.
         optimizer: ``"adamw"`` or ``"sgd"`` (``manifest.optimizer``).
         opset: the default-domain opset to stamp (the model's own, >= 13).
-        settings: the optimizer's hyperparameters; default ``bitfit.export.pipeline.OPTIMIZER_SETTINGS``
+        settings: the optimizer's hyperparameters; default ``OPTIMIZER_SETTINGS``
             for ``optimizer`` (what the manifest records as ``source.optimizer_settings``).
 
     Returns:
@@ -96,7 +103,6 @@ def build_optimizer_model(
     if not tensors:
         raise ExportError("the portable optimizer model needs at least one trainable tensor; select some with the policy")
     if settings is None:
-        from .pipeline import OPTIMIZER_SETTINGS  # here, not at the top: the pipeline imports this module
 
         settings = OPTIMIZER_SETTINGS[optimizer]
     names = [name for name, _ in tensors]
@@ -244,4 +250,4 @@ def _check_unique(names: list[str]) -> None:
                           "another's _grad/_exp_avg/_out); rename the tensors in the source model")
 
 
-__all__ = ["build_optimizer_model", "optimizer_io_names", "OPTIMIZER_FILE", "LEARNING_RATE", "STEP"]
+__all__ = ["build_optimizer_model", "optimizer_io_names", "OPTIMIZER_SETTINGS", "OPTIMIZER_FILE", "LEARNING_RATE", "STEP"]

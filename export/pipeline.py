@@ -41,6 +41,7 @@ from .added_biases import AddedBias
 from .added_biases import add_biases as add_bias_tensors
 from .biases import BasePolicy, BiasInfo, BiasUse, bias_uses_by_name, cross_check, find_biases, select_trainable
 from .inference_graph import INFERENCE_FILE, WEIGHTS_FILE, build_inference_model
+from .optimizer_graph import OPTIMIZER_SETTINGS
 from .portable import write_portable_models
 from .repairs import ensure_named_nodes, refuse_unsupported, repair_for_training, split_shared_biases
 from .validate import validate_bundle
@@ -52,13 +53,6 @@ NO_TRAINING_API = (
     "onnxruntime-training was not installed where this bundle was exported (plain onnxruntime has no "
     "gradient builder); export with `pip install 'bitfit[export,ort-training]'` for these artifacts"
 )
-# What ORT 1.19.2's optimizer models compute (checked against onnxblock's AdamW/SGD blocks and
-# by tests/test_parity.py); the learning rate is set by the trainer at run time.
-OPTIMIZER_SETTINGS = {
-    "adamw": {"betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "bias_correction": True,
-              "epsilon_placement": "huggingface (added before bias correction, adam_mode=1)"},
-    "sgd": {"momentum": 0.0, "weight_decay": 0.0, "update": "w -= lr * grad"},
-}
 
 
 def resolve_source(

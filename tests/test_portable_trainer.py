@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bitfit.export.optimizer_graph import build_optimizer_model
-from bitfit.export.pipeline import OPTIMIZER_SETTINGS
+from bitfit.export.optimizer_graph import OPTIMIZER_SETTINGS
 from bitfit.sdk.bundle import (
     Bundle, IOSpec, Manifest, TrainableTensor, file_entry, fingerprint_tensors, write_manifest,
 )
