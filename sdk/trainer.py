@@ -33,9 +33,8 @@ from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError,
     ResourceExhaustedError,
 )
-from .portable_trainer import (
-    Device, PortableTrainingSession, _checked_learning_rate, _checked_trainable_values, _label_classes, check_training_feeds,
-)
+from .portable_trainer import Device, PortableTrainingSession
+from .training_checks import check_training_feeds, checked_learning_rate, checked_trainable_values, label_classes
 from .runtime import cuda_available, has_training_api, is_out_of_memory, ort
 
 BackendChoice = Literal["auto", "portable", "ort-training"]
@@ -177,7 +176,7 @@ class OrtTrainingSession:
             raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
         # Checked first: a mis-sized start value would otherwise surface as "the weights file does
         # not match" (the bundle blamed for the caller's array), an unknown name be ignored.
-        checked = _checked_trainable_values(start or {}, {t.name: tuple(t.shape) for t in manifest.trainable})
+        checked = checked_trainable_values(start or {}, {t.name: tuple(t.shape) for t in manifest.trainable})
         self._fill_parameters(order, checked)
         # The optimizer must be created after the parameters hold data: built on a nominal
         # (shapes-only) state, its set_learning_rate segfaults in ORT 1.19.2.
@@ -190,7 +189,7 @@ class OrtTrainingSession:
         self.input_names = list(self.module.input_names())
         specs = _recorded_input_specs(manifest)
         self._input_specs = {name: specs.get(name, (None, None)) for name in self.input_names}
-        self._classes = _label_classes(manifest)
+        self._classes = label_classes(manifest)
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
 
@@ -230,7 +229,7 @@ class OrtTrainingSession:
         Example:
             >>> session.set_learning_rate(5e-3)                                    # doctest: +SKIP
         """
-        self.optimizer.set_learning_rate(_checked_learning_rate(value))
+        self.optimizer.set_learning_rate(checked_learning_rate(value))
 
     def _args(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
         """The module's inputs in order, checked as the portable backend checks them."""
@@ -312,7 +311,7 @@ class OrtTrainingSession:
         Example:
             >>> session.set_trainable_values({"0.bias": np.zeros(16, np.float32)})     # doctest: +SKIP
         """
-        for name, value in _checked_trainable_values(values, self._shapes).items():
+        for name, value in checked_trainable_values(values, self._shapes).items():
             self.state.parameters[name].data = value
 
     def parameter_values(self, names: list[str]) -> dict[str, np.ndarray]:
