@@ -170,6 +170,9 @@ class Predictor:
         self._cache: OrderedDict[str, tuple[Any, dict[str, np.ndarray], str | None]] = OrderedDict()
         self._cache_size = cache_size
         self._head_paths: dict[str, str] = {}
+        # The current population's tensors, read once per version (its HEAD's signature), not
+        # once per user without a delta.
+        self._population_cache: tuple[Any, dict[str, np.ndarray]] | None = None
         # predict() may run on several threads while personalize() invalidates entries:
         # the cache (an OrderedDict) is only touched under this lock.
         self._lock = threading.Lock()
@@ -247,11 +250,17 @@ class Predictor:
         """base + the current population delta ({} = the base, without a population or with none stored)."""
         if self.population is None:
             return {}
+        signature = self._store_signature(self.population)
+        cached = self._population_cache
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         try:
             delta, _ = load_population(self.store, self.population, self.manifest)
+            tensors = self._tensors_for_offsets(delta.tensors)
         except DeltaNotFoundError:
-            return {}
-        return self._tensors_for_offsets(delta.tensors)
+            tensors = {}
+        self._population_cache = (signature, tensors)  # one tuple assignment: safe across threads
+        return tensors
 
     def _tensors_for_offsets(self, offsets: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {t.name: (self.base[t.name] + np.asarray(offsets[t.name]).reshape(t.inference_shape)).astype(np.float32)
@@ -276,6 +285,8 @@ class Predictor:
                 self._cache.clear()
             else:
                 self._cache.pop(user, None)
+            if user is None or user == self.population:
+                self._population_cache = None
 
     # -- inputs ---------------------------------------------------------------------
     def encode(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
