@@ -546,10 +546,17 @@ class Personalizer:
 
     def _score(self, session: Any, held: Examples) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """Mean loss over ``held`` through the eval model, and the (outputs, labels) per batch."""
+        return self._run_batches(held, session.evaluate)
+
+    def _run_batches(self, examples: Examples, run: Callable[[dict[str, np.ndarray], np.ndarray], tuple[float, np.ndarray]]
+                     ) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+        """Mean loss over ``examples`` and the (outputs, labels) per batch; ``run(feeds, labels)``
+        gives a batch's mean loss and outputs (the eval model, or the predictor)."""
+        ignore = self.bundle.manifest.ignore_index
         total, rows, parts = 0.0, 0, []
-        for feeds, labels in batches(held, self._encoder, 64, None, ignore_index=self.bundle.manifest.ignore_index):
-            loss, outputs = session.evaluate(feeds, labels)
-            weight = _loss_weight(labels, self.bundle.manifest.loss, self.bundle.manifest.ignore_index)
+        for feeds, labels in batches(examples, self._encoder, 64, None, ignore_index=ignore):
+            loss, outputs = run(feeds, labels)
+            weight = _loss_weight(labels, self.bundle.manifest.loss, ignore)
             total += loss * weight
             rows += weight
             parts.append((outputs, labels))
@@ -602,14 +609,12 @@ class Personalizer:
         """
         manifest = self.bundle.manifest
         examples = load_examples(user_data, self.bundle, self._encoder)
-        parts, total, weight = [], 0.0, 0
-        for feeds, labels in batches(examples, self._encoder, 64, None, ignore_index=manifest.ignore_index):
+
+        def through_predictor(feeds: dict[str, np.ndarray], labels: np.ndarray) -> tuple[float, np.ndarray]:
             outputs = self.predictor.logits(feeds, [user] * len(labels))
-            w = _loss_weight(labels, manifest.loss, manifest.ignore_index)
-            total += mean_loss(manifest.loss, outputs, labels, ignore_index=manifest.ignore_index) * w
-            weight += w
-            parts.append((outputs, labels))
-        metrics = self._metrics(total / weight if weight else 0.0, parts)
+            return mean_loss(manifest.loss, outputs, labels, ignore_index=manifest.ignore_index), outputs
+
+        metrics = self._metrics(*self._run_batches(examples, through_predictor))
         metrics["examples"] = float(len(examples))
         return metrics
 
