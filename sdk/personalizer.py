@@ -499,8 +499,9 @@ class Personalizer:
         trained = session.trainable_values()
         if not all(np.all(np.isfinite(v)) for v in trained.values()):
             raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
-        before = self._holdout_metrics(session, held, start_values or self.base_trainable) if len(held) else {}
-        after = self._holdout_metrics(session, held, None) if len(held) else {}
+        # The loop scored the start and the kept checkpoint on the holdout: their metrics come from those passes.
+        before = self._metrics(outcome.start_loss, outcome.start_scored) if len(held) else {}
+        after = self._metrics(outcome.kept_loss, outcome.kept_scored) if len(held) else {}
         return FitResult(
             values=trained, plan=plan, outcome=outcome, metrics_before=before, metrics_after=after, warnings=warnings,
             retried=retried, backend=session.backend, learning_rate_from=rate_from, train_examples=len(train),
@@ -531,7 +532,7 @@ class Personalizer:
                 progress(Progress(user, step, plan.steps, epoch, loss, seconds))
 
         try:
-            outcome = run_training(session, plan, train, held, encoder=self._encoder, rng=rng, score=self._holdout_loss,
+            outcome = run_training(session, plan, train, held, encoder=self._encoder, rng=rng, score=self._score,
                                    ignore_index=manifest.ignore_index, patience=patience, max_seconds=max_seconds,
                                    started=started, on_step=on_step)
         except TrainingDivergedError as err:
@@ -539,10 +540,6 @@ class Personalizer:
         except RuntimeError as err:  # what onnxruntime raises
             raise _training_error(err, plan.batch_size, examples) from err
         return outcome, session
-
-    def _holdout_loss(self, session: Any, held: Examples) -> float:
-        loss, _ = self._score(session, held)
-        return loss
 
     def _score(self, session: Any, held: Examples) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """Mean loss over ``held`` through the eval model, and the (outputs, labels) per batch."""
@@ -561,19 +558,6 @@ class Personalizer:
             rows += weight
             parts.append((outputs, labels))
         return (total / rows if rows else 0.0), parts
-
-    def _holdout_metrics(self, session: Any, held: Examples, values: dict[str, np.ndarray] | None) -> dict[str, float]:
-        """The task's metrics and loss on the holdout, with ``values`` (None: the session's current ones)."""
-        kept = None
-        if values is not None:
-            kept = session.trainable_values()
-            session.set_trainable_values(values)
-        try:
-            loss, parts = self._score(session, held)
-        finally:
-            if kept is not None:
-                session.set_trainable_values(kept)
-        return self._metrics(loss, parts)
 
     def _metrics(self, loss: float, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
         manifest = self.bundle.manifest

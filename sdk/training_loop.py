@@ -34,8 +34,10 @@ DIVERGENCE_FACTOR = 1e3
 is below 1: a well-fit model's loss can jump from 0.01 to 10 on one batch) is divergence, finite
 or not: AdamW at an absurd learning rate runs the loss up to 1e37 without an overflow."""
 
-Score = Callable[[Any, Examples], float]
-"""The holdout loss of a session's current values on some examples."""
+Score = Callable[[Any, Examples], "tuple[float, Any]"]
+"""The holdout loss of a session's current values on some examples, and whatever else the
+caller wants kept from that pass (e.g. the outputs its metrics are computed from): the loop
+keeps it for the start and for the kept checkpoint, so nobody scores them a second time."""
 
 
 @dataclass
@@ -58,6 +60,10 @@ class LoopOutcome:
     history: list[tuple[int, float]] = field(default_factory=list)
     """(step, holdout loss) at every check, step 0 first."""
     seconds: float = 0.0
+    start_scored: Any = field(default=None, repr=False, compare=False)
+    """What ``score`` returned beside the loss for the starting values (None without a holdout)."""
+    kept_scored: Any = field(default=None, repr=False, compare=False)
+    """The same for the kept checkpoint."""
 
     @property
     def improved(self) -> bool:
@@ -89,7 +95,7 @@ def run_training(
 ) -> LoopOutcome:
     """Train ``session`` on ``train`` for ``plan.steps`` steps, keeping the holdout's best checkpoint.
 
-    ``score(session, held)`` is called at step 0 and every ``plan.evaluate_every`` steps (and
+    ``score(session, held)`` (loss, anything to keep) is called at step 0 and every ``plan.evaluate_every`` steps (and
     at the last step); the values with the lowest holdout loss are restored at the end, so a
     run that only got worse leaves the session where it started (``kept_step == 0``).
     ``on_step(step, epoch, loss, seconds)`` is called after every step. A non-finite loss
@@ -100,12 +106,12 @@ def run_training(
     """
     started = time.perf_counter() if started is None else started
     outcome = LoopOutcome(steps=0, epochs_run=0, stopped_by="steps")
-    best: tuple[float, int, dict[str, np.ndarray]] | None = None
+    best: tuple[float, int, dict[str, np.ndarray], Any] | None = None
     if len(held):
-        loss = score(session, held)
-        outcome.start_loss = loss
+        loss, scored = score(session, held)
+        outcome.start_loss, outcome.start_scored = loss, scored
         outcome.history.append((0, loss))
-        best = (loss, 0, session.trainable_values())
+        best = (loss, 0, session.trainable_values(), scored)
     stale = 0
     step = 0
     first_loss: float | None = None
@@ -127,10 +133,10 @@ def run_training(
                 on_step(step, outcome.epochs_run, float(loss), elapsed)
             last = step >= plan.steps or (max_seconds is not None and elapsed >= max_seconds)
             if best is not None and (step % plan.evaluate_every == 0 or last):
-                held_loss = score(session, held)
+                held_loss, scored = score(session, held)
                 outcome.history.append((step, held_loss))
                 if held_loss < best[0]:
-                    best, stale = (held_loss, step, session.trainable_values()), 0
+                    best, stale = (held_loss, step, session.trainable_values(), scored), 0
                 else:
                     stale += 1
                     if patience is not None and stale >= patience and not last:
@@ -144,7 +150,7 @@ def run_training(
     outcome.steps = step
     if best is not None:
         session.set_trainable_values(best[2])
-        outcome.kept_loss, outcome.kept_step = best[0], best[1]
+        outcome.kept_loss, outcome.kept_step, outcome.kept_scored = best[0], best[1], best[3]
     else:
         outcome.kept_step = step
     outcome.seconds = time.perf_counter() - started

@@ -333,7 +333,7 @@ def test_quality_targets_are_judged_from_the_numbers():
 def test_quality_quick_machinery_on_tiny_inputs(tmp_path):
     """The harness end to end on the tiny BERT and the MLP (synthetic sentences): grids tuned on the
     tuning users and applied to the held-aside ones, the report, and a rerun served from the cache."""
-    from benchmarks.quality import METHODS, BEGIN, END, Grids, QUICK_GRIDS, evaluate, render_section, splice
+    from benchmarks.quality import METHODS, BEGIN, END, SEEDS, Grids, QUICK_GRIDS, evaluate, render_section, splice
     from benchmarks.quality_users import tiny_suites
 
     grids = Grids(QUICK_GRIDS.initial, max_extensions=1)
@@ -353,15 +353,22 @@ def test_quality_quick_machinery_on_tiny_inputs(tmp_path):
             assert g["at_edge"] == (g["chosen_index"] in (g["grid"][0], g["grid"][-1]))
             assert r[f"{method}_seconds"] > 0
         assert r["sdk_seconds"] > 0 and r["se"] > 0 and r["sdk_info"]
+        # Every method ran once per seed at its chosen rate; a user's accuracy is their mean.
+        for method in ("sdk", "torch-head", "torch-bitfit", "torch-full"):
+            assert len(r[f"{method}_runs"]) == SEEDS and r[method] == pytest.approx(sum(r[f"{method}_runs"]) / SEEDS)
+        # The SE a target allows adds the seed spread to the binomial error.
+        assert r["se"] >= r["se_binomial"] > 0
     assert [t["name"].split()[:3] for t in run.targets] == [["SDK", "defaults", ">="], ["SDK", "defaults'", "mean"],
                                                              ["SDK", "wall", "time"]]
     computed = run.info["torch_runs_computed"]
-    assert computed >= 2 * 3 * 2 + 2 * 3  # every grid value on the tuning user, the chosen ones on the held-aside
+    # Every grid value on the tuning user (seed 0), every seed of the chosen rates on every user
+    # (PyTorch BitFit's always run: their seconds are side by side with the SDK's).
+    assert computed >= 2 * 3 * 2 + 2 * 2 * 2 * (SEEDS - 1) + 2 * SEEDS
 
     text = render_section(run, command="pytest", plot="q.png")
     assert text.startswith(BEGIN) and text.endswith(END)
     for needle in ("`pytest`", "tuning", "held-aside", "Targets (held-aside users)", "Learning-rate grids",
-                   "binomial standard error", "![per-user accuracy by method](q.png)"):
+                   "binomial variance", "training seeds", "side by side", "![per-user accuracy by method](q.png)"):
         assert needle in text, needle
     for suite, methods in run.grids.items():
         for method, g in methods.items():
@@ -373,6 +380,7 @@ def test_quality_quick_machinery_on_tiny_inputs(tmp_path):
 
     # A rerun (new SDK defaults, same data): torch comes from the cache; only the SDK column runs.
     again = evaluate(suites, grids=grids, work_dir=tmp_path, mode="tiny", log=lambda message: None)
-    assert again.info["torch_runs_computed"] == 0 and again.info["torch_runs_cached"] >= computed
+    assert again.info["torch_runs_computed"] == 2 * 2 * SEEDS  # only BitFit's timed runs
+    assert again.info["torch_runs_cached"] >= computed - 2 * 2 * SEEDS
     assert [r["torch-full"] for r in again.rows] == [r["torch-full"] for r in run.rows]
     assert all(r["sdk_seconds"] > 0 for r in again.rows)
