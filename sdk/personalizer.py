@@ -362,9 +362,10 @@ class Personalizer:
         """Train ``user``'s biases on ``user_data`` and save the result as a new delta version.
 
         With no options, the SDK decides (``bitfit.sdk.training_plan``): a holdout of ~10% of
-        the data (none below 20 examples), stratified by class; a step budget of 3 epochs (5 for a
-        model under 1 M values), at least 30 and at most 400 steps; the bundle's learning rate as
-        the peak of a warm-up + linear-decay schedule. The holdout is scored ~6 times; the best checkpoint is kept,
+        the data (none below 20 examples), stratified by class; a step budget of 2 epochs in
+        batches of 8 (5 epochs in batches of 16 for a model under 1 M values), at least 30 and at
+        most 400 steps; the bundle's learning rate as the peak of a warm-up + linear-decay
+        schedule. The holdout is scored at the start and ~3 times more; the best checkpoint is kept,
         and if none beats where the user started, one more run at a quarter of the learning
         rate is tried (when the rate was not given); if that does not help either, **nothing
         is saved** (``saved=False``: the user keeps the delta they had). What was chosen and

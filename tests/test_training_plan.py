@@ -19,7 +19,7 @@ from bitfit.sdk.cli import main
 from bitfit.sdk.data import Examples, split_holdout
 from bitfit.sdk.data_checks import data_warnings
 from bitfit.sdk.training_plan import (
-    BATCH_SIZE, EPOCHS, SMALL_MODEL_EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
+    BATCH_SIZE, EPOCHS, SMALL_MODEL_BATCH_SIZE, SMALL_MODEL_EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
 )
 
 from sdk_fixtures import *  # noqa: F401,F403  (fixtures and helpers)
@@ -150,27 +150,30 @@ def test_large_data_gets_the_maximum_steps(examples):
     assert plan_training(examples, learning_rate=1e-2).steps == MAX_STEPS
 
 
-def test_between_the_bounds_the_budget_is_three_epochs_or_five_for_a_small_model():
-    plan = plan_training(300, learning_rate=1e-2)  # 270 to train: 17 batches of 16
-    assert plan.batch_size == BATCH_SIZE and plan.steps_per_epoch == 17
-    assert plan.steps == EPOCHS * 17 == 51
-    assert plan_training(300, learning_rate=1e-2, model_values=22_566_531).steps == 51
-    small = plan_training(300, learning_rate=1e-2, model_values=3_203)
+def test_between_the_bounds_the_budget_is_two_epochs_of_eight_or_five_of_sixteen_for_a_small_model():
+    plan = plan_training(300, learning_rate=1e-2)  # 270 to train: 34 batches of 8
+    assert plan.batch_size == BATCH_SIZE == 8 and plan.steps_per_epoch == 34
+    assert plan.steps == EPOCHS * 34 == 68
+    assert plan_training(300, learning_rate=1e-2, model_values=22_566_531).steps == 68
+    small = plan_training(300, learning_rate=1e-2, model_values=3_203)  # 17 batches of 16
+    assert small.batch_size == SMALL_MODEL_BATCH_SIZE == 16 and small.steps_per_epoch == 17
     assert small.steps == SMALL_MODEL_EPOCHS * 17 == 85 and "(a small model)" in small.reasons["steps"]
+    assert "(a small model)" in small.reasons["batch_size"] and "small" not in plan.reasons["batch_size"]
 
 
 def test_epochs_override_the_budget_and_max_steps_caps_it():
-    plan = plan_training(100, learning_rate=1e-2, epochs=2)  # 90 to train: 6 batches
-    assert plan.steps == 12 < MIN_STEPS and plan.reasons["steps"] == "epochs=2 given: 2 x 6 steps"
-    assert plan_training(100, learning_rate=1e-2, epochs=100).steps == 600 > MAX_STEPS
+    plan = plan_training(100, learning_rate=1e-2, epochs=2)  # 90 to train: 12 batches of 8
+    assert plan.steps == 24 < MIN_STEPS and plan.reasons["steps"] == "epochs=2 given: 2 x 12 steps"
+    assert plan_training(100, learning_rate=1e-2, epochs=100).steps == 1200 > MAX_STEPS
     capped = plan_training(2000, learning_rate=1e-2, max_steps=50)
     assert capped.steps == 50 and capped.reasons["steps"].endswith("capped by max_steps=50")
     assert plan_training(100, learning_rate=1e-2, epochs=2, max_steps=5).steps == 5
     assert plan_training(100, learning_rate=1e-2, max_steps=1000).steps == MIN_STEPS  # a cap, not a target
 
 
-def test_batch_size_is_sixteen_or_the_whole_training_set():
-    assert plan_training(12, learning_rate=1e-2).batch_size == 12
+def test_batch_size_is_the_default_or_the_whole_training_set():
+    assert plan_training(6, learning_rate=1e-2).batch_size == 6
+    assert plan_training(12, learning_rate=1e-2, model_values=3_000).batch_size == 12
     assert plan_training(100, learning_rate=1e-2, batch_size=4).batch_size == 4
     assert plan_training(100, learning_rate=1e-2, batch_size=4).reasons["batch_size"] == "given"
 
@@ -198,14 +201,15 @@ def test_reasons_say_where_every_choice_came_from():
     plan = plan_training(150, learning_rate=2e-3, learning_rate_from="bundle")
     assert set(plan.reasons) == {"holdout", "batch_size", "steps", "learning_rate"}
     assert plan.reasons["learning_rate"] == "0.002 from the bundle, peak of a warmup-linear schedule"
-    assert plan.reasons["steps"] == "3 epochs of 9 steps, within [30, 400]"
+    assert plan.reasons["steps"] == "2 epochs of 17 steps, within [30, 400]"
+    assert plan.reasons["batch_size"] == "8, or every training example when fewer"
     assert plan.as_dict()["reasons"] == plan.reasons
 
 
-def test_holdout_is_scored_about_six_times():
-    plan = plan_training(400, learning_rate=1e-2)  # 360 to train: 23 steps an epoch, 69 steps
-    assert plan.evaluate_every == 12 and 5 <= -(-plan.steps // plan.evaluate_every) <= 6
-    assert plan_training(60, learning_rate=1e-2).evaluate_every == 4  # at most once an epoch's 4 steps
+def test_holdout_is_scored_about_three_times():
+    plan = plan_training(400, learning_rate=1e-2)  # 360 to train: 45 steps an epoch, 90 steps
+    assert plan.evaluate_every == 30 and -(-plan.steps // plan.evaluate_every) == 3
+    assert plan_training(60, learning_rate=1e-2).evaluate_every == 7  # at most once an epoch's 7 steps
 
 
 def test_personalize_records_its_plan(numeric_bundle, tmp_path):
