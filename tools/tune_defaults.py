@@ -11,6 +11,14 @@ first, check on the second.
     HF_HUB_OFFLINE=1 .venv/bin/python tools/tune_defaults.py --bundle demo_out/bundle \\
         --users tune --variant defaults --variant recipe:1e-3 --set EPOCHS=8
 
+``--users quality-tuning`` uses ``make quality``'s four tweet *tuning* users instead (its base
+bundle, built by ``make quality``; nothing of its held-aside users), each personalized with
+``--seeds`` training seeds, and also times PyTorch BitFit (3 epochs of 16 at 3e-3, seed 0) on
+each user in the same process for a side-by-side time ratio::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/tune_defaults.py --users quality-tuning --seeds 3 \\
+        --set BATCH_SIZE=16 --set EPOCHS=3 --set EVALUATIONS=6
+
 Example:
     >>> from tools.tune_defaults import parse_override
     >>> parse_override("EPOCHS=8")
@@ -48,8 +56,11 @@ def parse_override(text: str) -> tuple[str, float | int]:
 
 
 def users(which: str, train: int, test: int) -> list[tuple[str, list, list]]:
-    """(user id, train pairs, test pairs) per user of the ``tune`` or ``aside`` set."""
+    """(user id, train pairs, test pairs) per user of the ``tune``, ``aside`` or ``quality-tuning`` set."""
     from demo.datasets import demo_tweets, sample
+
+    if which == "quality-tuning":
+        return [(u.name, u.train, u.test) for u in _quality_suite().users if u.role == "tuning"]
 
     domains = demo_tweets()
     out = []
@@ -60,8 +71,32 @@ def users(which: str, train: int, test: int) -> list[tuple[str, list, list]]:
     return out
 
 
-def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle_lr: float | None = None) -> list[dict]:
-    """Personalize every user with one variant; test accuracy and seconds per user."""
+def _quality_suite():  # make quality's tweet suite with all four tuning users
+    from benchmarks.quality_users import TWEET_USERS, _tweet_suite
+
+    return _tweet_suite(TWEET_USERS, 500, 150, 300, tuning_users=len(TWEET_USERS))
+
+
+def quality_bundle() -> tuple[str, object]:
+    """``make quality``'s tweet base bundle (prepared if missing) and a timer of PyTorch BitFit on it."""
+    from benchmarks.quality import WORK, Cache, Session
+    from benchmarks.quality_users import prepare_base
+
+    suite = _quality_suite()
+    base = prepare_base(suite, WORK / "quality", log=lambda message: None)
+    session = Session(base, Cache(WORK / "quality" / "cache.json"), log=lambda message: None)
+    by_name = {u.name: u for u in suite.users}
+
+    def torch_seconds(user: str) -> float:
+        return float(session._torch_train(by_name[user], "torch-bitfit", 3e-3)["seconds"])
+
+    return str(base.bundle_dir), torch_seconds
+
+
+def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle_lr: float | None = None,
+                seeds: int = 1, torch_seconds=None) -> list[dict]:
+    """Personalize every user with one variant (``seeds`` runs each); test accuracy and seconds per run,
+    and, with ``torch_seconds(user)``, PyTorch BitFit's seconds on the user (first seed only)."""
     from bitfit.sdk import Personalizer
     from bitfit.sdk import training_plan
 
@@ -71,25 +106,28 @@ def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle
         for k, v in overrides.items():
             setattr(training_plan, k, v)
         with tempfile.TemporaryDirectory() as store:
-            for user, train, test in people:
+            for (user, train, test), seed in ((person, seed) for person in people for seed in range(seeds)):
                 opened = time.perf_counter()
                 p = Personalizer(bundle, store=store)
                 if bundle_lr is not None:  # as if the bundle had been exported with this default
                     p.bundle.manifest.training_defaults["learning_rate"] = bundle_lr
                 started = time.perf_counter()
                 if variant == "defaults":
-                    r = p.personalize(train, user=user, progress_bar=False)
+                    r = p.personalize(train, user=user, progress_bar=False, seed=seed)
                 else:
                     lr = float(variant.split(":")[1])
                     r = p.personalize(train, user=user, epochs=5, learning_rate=lr, holdout=0.0, schedule="constant",
-                                      batch_size=16, progress_bar=False)
+                                      batch_size=16, progress_bar=False, seed=seed)
                 seconds = time.perf_counter() - opened
                 base = p.evaluate(test)["accuracy"]
                 after = p.evaluate(test, user=user)["accuracy"] if r.saved else base
-                rows.append({"variant": variant, "overrides": overrides, "bundle_lr": bundle_lr, "user": user, "base": base, "after": after,
+                rows.append({"variant": variant, "overrides": overrides, "bundle_lr": bundle_lr, "user": user, "seed": seed,
+                             "base": base, "after": after,
                              "seconds": round(seconds, 2), "train_seconds": round(r.seconds, 2), "steps": r.steps,
                              "saved": r.saved, "retried": r.retried, "kept_step": r.kept_step,
                              "warnings": len(r.warnings), "load_seconds": round(started - opened, 2)})
+                if torch_seconds is not None and seed == 0:
+                    rows[-1]["torch_bitfit_seconds"] = round(torch_seconds(user), 2)
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         for k, v in saved.items():
@@ -100,7 +138,8 @@ def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default="demo_out/bundle")
-    parser.add_argument("--users", choices=["tune", "aside"], default="tune")
+    parser.add_argument("--users", choices=["tune", "aside", "quality-tuning"], default="tune")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per user")
     parser.add_argument("--variant", action="append", default=[], help="defaults | recipe:LR")
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE override of a training_plan constant")
     parser.add_argument("--train", type=int, default=150)
@@ -109,20 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle-lr", type=float, help="the bundle's training_defaults learning rate, for defaults")
     args = parser.parse_args(argv)
     people = users(args.users, args.train, args.test)
+    torch_seconds = None
+    if args.users == "quality-tuning":
+        args.bundle, torch_seconds = quality_bundle()
     overrides = dict(parse_override(x) for x in args.set)
     summary = []
     for variant in args.variant or ["defaults"]:
         rows = run_variant(args.bundle, variant, people, overrides if variant == "defaults" else {},
-                           args.bundle_lr if variant == "defaults" else None)
+                           args.bundle_lr if variant == "defaults" else None, args.seeds, torch_seconds)
         gain = float(np.mean([r["after"] - r["base"] for r in rows]))
+        timed = [r for r in rows if "torch_bitfit_seconds" in r]
+        ratio = float(np.mean([r["seconds"] / r["torch_bitfit_seconds"] for r in timed])) if timed else None
         summary.append((variant, overrides if variant == "defaults" else {}, gain,
-                        float(np.mean([r["seconds"] for r in rows]))))
+                        float(np.mean([r["seconds"] for r in rows])), float(np.mean([r["after"] for r in rows])), ratio))
         if args.out:
             with open(args.out, "a", encoding="utf-8") as fh:
                 for r in rows:
                     fh.write(json.dumps(r) + "\n")
-    for variant, over, gain, seconds in summary:
-        print(f"{variant:14s} {over} mean gain {gain:+.4f}  mean seconds {seconds:.1f}")
+    for variant, over, gain, seconds, accuracy, ratio in summary:
+        print(f"{variant:14s} {over} mean accuracy {accuracy:.4f} (gain {gain:+.4f})  mean seconds {seconds:.1f}"
+              + (f"  mean SDK / PyTorch BitFit time {ratio:.2f}x" if ratio is not None else ""))
     return 0
 
 
