@@ -529,7 +529,7 @@ def render_section(run: QualityRun, *, command: str, plot: str | None = None) ->
              f"{info.get('wall_seconds', 0) / 60:.1f} min wall time; {info.get('machine', '?')}; load average "
              f"{info.get('load_start', '?')} at start, {info.get('load_end', '?')} at end). Torch results "
              f"computed in this run: {info.get('torch_runs_computed', 0)}, reused from the cache "
-             f"(`benchmarks/_work/quality/cache.json`, same data, base, method, learning rate and recipe): "
+             f"(`benchmarks/_work/quality/cache.json`, same data, base, method, learning rate, seed and recipe): "
              f"{info.get('torch_runs_cached', 0)}. The SDK column always runs.", "",
              "Protocol: per user, every method trains on the user's own train examples and is scored by accuracy on the "
              f"user's separate test examples, **{info.get('seeds', 1)} times** (training seeds {info.get('seed')} and up, "
@@ -589,7 +589,7 @@ def render_section(run: QualityRun, *, command: str, plot: str | None = None) ->
                  str(r["sdk_info"].get("saved", "")), str(r["sdk_info"].get("holdout_examples", ""))]
                 for r in run.rows if "sdk_info" in r]
     if sdk_rows:
-        lines += ["", "### What the SDK's defaults did", ""]
+        lines += ["", "### What the SDK's defaults did (seed 0's run)", ""]
         lines += _table(["suite", "user", "learning rate", "epochs run", "steps", "stopped by", "kept step/epoch", "saved",
                          "inner holdout"], sdk_rows)
     if plot:

@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", help=".jsonl/.csv with text and label, streamed in order (instead of the built-in stream)")
     parser.add_argument("--count", type=int, default=96, help="built-in stream length")
     parser.add_argument("--every", type=int, default=24, help="personalize after this many new labels")
-    # None: the SDK's step budget (at least 30 steps): 3 epochs of a 24-label round are 6 steps,
-    # too few under the SDK's warm-up + decay schedule to move a prediction.
+    # None: the SDK's step budget (at least 30 steps): a fixed 2 or 3 epochs of a 24-label round
+    # are a handful of steps, too few under the SDK's warm-up + decay schedule to move a prediction.
     parser.add_argument("--epochs", type=int, default=None, help="passes per round (default: the SDK's step budget)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-seconds", type=float, default=30.0, help="time budget of one personalization round")
