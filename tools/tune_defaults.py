@@ -106,7 +106,8 @@ def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle
         for k, v in overrides.items():
             setattr(training_plan, k, v)
         with tempfile.TemporaryDirectory() as store:
-            for (user, train, test), seed in ((person, seed) for person in people for seed in range(seeds)):
+            for (person, train, test), seed in ((person, seed) for person in people for seed in range(seeds)):
+                user = person if seeds == 1 else f"{person}#seed{seed}"  # each seed starts from the base
                 opened = time.perf_counter()
                 p = Personalizer(bundle, store=store)
                 if bundle_lr is not None:  # as if the bundle had been exported with this default
@@ -127,7 +128,7 @@ def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle
                              "saved": r.saved, "retried": r.retried, "kept_step": r.kept_step,
                              "warnings": len(r.warnings), "load_seconds": round(started - opened, 2)})
                 if torch_seconds is not None and seed == 0:
-                    rows[-1]["torch_bitfit_seconds"] = round(torch_seconds(user), 2)
+                    rows[-1]["torch_bitfit_seconds"] = round(torch_seconds(person), 2)
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         for k, v in saved.items():
