@@ -44,8 +44,8 @@ Schedule = Literal["warmup-linear", "constant"]
 BATCH_SIZE = 8
 """Examples per step for a pretrained-size model (>= ``SMALL_MODEL_VALUES`` values). Measured with
 ``make quality``'s four tweet tuning users x 3 seeds on MiniLM (the closing note of issue 11):
-mean test accuracy 0.748 in batches of 8 for 2 passes vs 0.750 in batches of 16 for 3 passes,
-in 0.56x the time."""
+mean test accuracy 0.747 in batches of 8 for 2 passes vs 0.750 in batches of 16 for 3 passes,
+in 6.5 s vs 10.7 s a user (``tools/tune_defaults.py --users quality-tuning --seeds 3``)."""
 SMALL_MODEL_BATCH_SIZE = 16
 """Examples per step for a small model, whose steps cost little next to their fixed overhead."""
 EPOCHS = 2
