@@ -356,6 +356,13 @@ def test_quality_quick_machinery_on_tiny_inputs(tmp_path):
         # Every method ran once per seed at its chosen rate; a user's accuracy is their mean.
         for method in ("sdk", "torch-head", "torch-bitfit", "torch-full"):
             assert len(r[f"{method}_runs"]) == SEEDS and r[method] == pytest.approx(sum(r[f"{method}_runs"]) / SEEDS)
+    # Each seed's torch run is its own cache entry (a key without the seed would serve seed 0's
+    # result for every seed and fake the spread).
+    cached = [json.loads(key) for key in json.loads((tmp_path / "cache.json").read_text(encoding="utf-8"))]
+    for r in run.rows:
+        for method in ("torch-head", "torch-bitfit", "torch-full"):
+            seeds = {k["seed"] for k in cached if k["method"] == method and k["lr"] == r[f"{method}_lr"]}
+            assert seeds == set(range(SEEDS)), (r["user"], method, seeds)
         # The SE a target allows adds the seed spread to the binomial error.
         assert r["se"] >= r["se_binomial"] > 0
     assert [t["name"].split()[:3] for t in run.targets] == [["SDK", "defaults", ">="], ["SDK", "defaults'", "mean"],
