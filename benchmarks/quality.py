@@ -339,9 +339,10 @@ class Session:
         return {"accuracy": float((predicted == e["y_test"]).mean()), "seconds": e["seconds"] + train_seconds,
                 "load_seconds": e["load_seconds"], "test_examples": len(e["y_test"])}
 
-    def sdk(self, user: QualityUser, seed: int = SEED) -> dict[str, Any]:
+    def sdk(self, user: QualityUser, seed: int = SEED, score_base: bool = True) -> dict[str, Any]:
         """The SDK with its defaults (``seed`` is personalize's, which shuffles the batches): open a
-        Personalizer on the bundle and personalize; never cached.
+        Personalizer on the bundle and personalize; never cached. ``score_base=False`` skips the
+        base model's test accuracy (the same for every seed; ``base`` is then None).
 
         Example:
             >>> r = session.sdk(user)                                                            # doctest: +SKIP
@@ -357,12 +358,13 @@ class Session:
             seconds = time.perf_counter() - t0
             test = self.suite.user_data(user.test)
             accuracy = personalizer.evaluate(test, user=user.name)["accuracy"]
-            base = personalizer.evaluate(test, user=None)["accuracy"]
+            base = personalizer.evaluate(test, user=None)["accuracy"] if score_base else None
         info = result.as_dict() if hasattr(result, "as_dict") else asdict(result)
         # Whatever the result reports of these (its fields change as the defaults are redesigned).
         keep = ("learning_rate", "learning_rate_from", "epochs_run", "steps", "stopped_by", "examples_used",
                 "holdout_examples", "kept_epoch", "kept_step", "saved", "backend", "delta_bytes", "plan")
-        self.log(f"  [{user.key}] sdk defaults seed {seed}: accuracy {base:.3f} -> {accuracy:.3f} in {seconds:.1f} s "
+        self.log(f"  [{user.key}] sdk defaults seed {seed}: accuracy " + (f"{base:.3f} -> " if base is not None else "")
+                 + f"{accuracy:.3f} in {seconds:.1f} s "
                  f"(lr {info.get('learning_rate')}, {info.get('steps')} steps, stopped by {info.get('stopped_by')})")
         return {"accuracy": accuracy, "base": base, "seconds": seconds, **{k: info.get(k) for k in keep if k in info}}
 
@@ -430,7 +432,7 @@ def evaluate(suites: Sequence[Suite], *, grids: Grids, work_dir: Path, mode: str
                 # Interleaved with PyTorch BitFit's runs, so their seconds are side by side.
                 runs: dict[str, list[dict[str, Any]]] = {"sdk": [], "torch-bitfit": []}
                 for seed in seeds:
-                    runs["sdk"].append(session.sdk(user, seed))
+                    runs["sdk"].append(session.sdk(user, seed, score_base=seed == SEED))
                     if "torch-bitfit" in chosen:
                         runs["torch-bitfit"].append(session.torch(user, "torch-bitfit", chosen["torch-bitfit"], seed, fresh=True))
                 row["base"] = runs["sdk"][0]["base"]

@@ -56,11 +56,8 @@ def parse_override(text: str) -> tuple[str, float | int]:
 
 
 def users(which: str, train: int, test: int) -> list[tuple[str, list, list]]:
-    """(user id, train pairs, test pairs) per user of the ``tune``, ``aside`` or ``quality-tuning`` set."""
+    """(user id, train pairs, test pairs) per user of the ``tune`` or ``aside`` set."""
     from demo.datasets import demo_tweets, sample
-
-    if which == "quality-tuning":
-        return [(u.name, u.train, u.test) for u in _quality_suite().users if u.role == "tuning"]
 
     domains = demo_tweets()
     out = []
@@ -71,26 +68,21 @@ def users(which: str, train: int, test: int) -> list[tuple[str, list, list]]:
     return out
 
 
-def _quality_suite():  # make quality's tweet suite with all four tuning users
-    from benchmarks.quality_users import TWEET_USERS, _tweet_suite
-
-    return _tweet_suite(TWEET_USERS, 500, 150, 300, tuning_users=len(TWEET_USERS))
-
-
-def quality_bundle() -> tuple[str, object]:
-    """``make quality``'s tweet base bundle (prepared if missing) and a timer of PyTorch BitFit on it."""
+def quality_tuning() -> tuple[list[tuple[str, list, list]], str, object]:
+    """``make quality``'s four tweet tuning users (as :func:`users` gives them), its tweet base
+    bundle (prepared if missing) and a timer of PyTorch BitFit (3e-3, seed 0) on a user."""
     from benchmarks.quality import WORK, Cache, Session
-    from benchmarks.quality_users import prepare_base
+    from benchmarks.quality_users import TWEET_USERS, full_suites, prepare_base
 
-    suite = _quality_suite()
+    suite = full_suites(tweet_tuning_users=len(TWEET_USERS))[0]
     base = prepare_base(suite, WORK / "quality", log=lambda message: None)
     session = Session(base, Cache(WORK / "quality" / "cache.json"), log=lambda message: None)
-    by_name = {u.name: u for u in suite.users}
+    tuning = {u.name: u for u in suite.users if u.role == "tuning"}
 
     def torch_seconds(user: str) -> float:
-        return float(session._torch_train(by_name[user], "torch-bitfit", 3e-3)["seconds"])
+        return float(session.torch(tuning[user], "torch-bitfit", 3e-3, fresh=True)["seconds"])
 
-    return str(base.bundle_dir), torch_seconds
+    return [(u.name, u.train, u.test) for u in tuning.values()], str(base.bundle_dir), torch_seconds
 
 
 def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle_lr: float | None = None,
@@ -148,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--bundle-lr", type=float, help="the bundle's training_defaults learning rate, for defaults")
     args = parser.parse_args(argv)
-    people = users(args.users, args.train, args.test)
     torch_seconds = None
     if args.users == "quality-tuning":
-        args.bundle, torch_seconds = quality_bundle()
+        people, args.bundle, torch_seconds = quality_tuning()
+    else:
+        people = users(args.users, args.train, args.test)
     overrides = dict(parse_override(x) for x in args.set)
     summary = []
     for variant in args.variant or ["defaults"]:
