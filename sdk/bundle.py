@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from .errors import BundleInvalidError
+from .file_facts import FileFacts
 
 BUNDLE_FORMAT = "bitfit-bundle"
 BUNDLE_FORMAT_VERSION = 2
@@ -170,6 +171,18 @@ class Manifest:
             'logits'
         """
         return self.outputs[0].name
+
+    @property
+    def total_values(self) -> int | None:
+        """How many parameter values the whole model has (``policy.total_values``; None when
+        the manifest does not say).
+
+        Example:
+            >>> _example_manifest().total_values
+            15
+        """
+        total = self.policy.get("total_values") if isinstance(self.policy, dict) else None
+        return total if type(total) is int and total > 0 else None
 
     def backend_available(self, backend: str) -> bool:
         """Whether this bundle has the models of a training backend (see ``training_backends``).
@@ -430,26 +443,50 @@ def fingerprint_tensors(tensors: dict[str, np.ndarray]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _inside(root: Path, relative: str) -> Path:
+def _inside(root: Path, relative: str, resolved_root: Path | None = None) -> Path:
     if (not isinstance(relative, str) or not relative or "\0" in relative or os.path.isabs(relative) or "\\" in relative
             or any(p in ("..", "") for p in relative.split("/"))):
         raise BundleInvalidError(f"bundle file path {relative!r} must be a plain relative path inside the bundle")
     path = (root / relative).resolve()
-    if root.resolve() not in path.parents:
+    if (resolved_root or root.resolve()) not in path.parents:
         raise BundleInvalidError(f"bundle file {relative!r} resolves outside the bundle directory; refusing it")
     return path
 
 
-def _check_external_data(root: Path, relative: str, listed: set[str]) -> None:
+def _external_refs(path: Path) -> tuple[Any, ...]:
+    from .onnx_refs import external_data_refs
+
+    return tuple(external_data_refs(path.read_bytes()))
+
+
+# What opening a bundle learns of each file, reused while the file is unchanged (file_facts.py).
+_FILE_SHA256: FileFacts[str] = FileFacts(sha256_file)
+_FILE_EXTERNAL_REFS: FileFacts[tuple[Any, ...]] = FileFacts(_external_refs)
+
+
+def forget_checked_files() -> None:
+    """Make the next ``Bundle.open`` of every bundle hash and parse its files again.
+
+    Opening a bundle remembers each file's sha256 and external-data references while the
+    file is provably unchanged (``bitfit.sdk.file_facts``), so reopening it in the same
+    process skips that work; this drops what was remembered (a cold start, e.g. for a
+    benchmark).
+
+    Example:
+        >>> forget_checked_files()
+    """
+    _FILE_SHA256.forget()
+    _FILE_EXTERNAL_REFS.forget()
+
+
+def _check_external_data(root: Path, relative: str, listed: set[str], resolved_root: Path | None = None) -> None:
     """Refuse an ONNX file whose external data is anything but one of the bundle's own files.
 
     ONNX Runtime opens a tensor's external-data ``location`` relative to the model's folder,
     so ``../x``, an absolute path or ORT's in-memory tag would read outside the bundle.
     """
-    from .onnx_refs import external_data_refs
-
     folder = relative.rpartition("/")[0]
-    for ref in external_data_refs(_inside(root, relative).read_bytes()):
+    for ref in _FILE_EXTERNAL_REFS.get(_inside(root, relative, resolved_root)):
         location = ref.location
         plain = (isinstance(location, str) and location and "\0" not in location and ":" not in location
                  and "\\" not in location and not os.path.isabs(location)
@@ -466,7 +503,11 @@ class Bundle:
     """A bundle directory opened for reading, with its manifest checked.
 
     ``verify`` controls the file check: "hashes" (default) re-hashes every listed file,
-    "sizes" only compares sizes (fast start on slow storage), "none" trusts the files.
+    "sizes" only compares sizes (fast start on slow storage), "none" trusts the files. Every
+    ONNX file's external-data references are checked whatever ``verify`` says. A file this
+    process already hashed or parsed, and provably unchanged since (same inode, size,
+    modification and status-change times, written over 2 s before), is not read again
+    (``bitfit.sdk.file_facts``; :func:`forget_checked_files` forgets).
 
     Example:
         >>> b = Bundle.open("bundles/minilm-sentiment", verify="sizes")          # doctest: +SKIP
@@ -477,6 +518,20 @@ class Bundle:
     def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
+        self._resolved_root: Path | None = None
+        self._trainable_base: dict[str, np.ndarray] | None = None
+
+    @property
+    def resolved_root(self) -> Path:
+        """The bundle directory with links resolved (resolved once: every file check needs it).
+
+        Example:
+            >>> Bundle(Path("/b"), None).resolved_root
+            PosixPath('/b')
+        """
+        if self._resolved_root is None:
+            self._resolved_root = self.path.resolve()
+        return self._resolved_root
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: Literal["hashes", "sizes", "none"] = "hashes") -> "Bundle":
@@ -498,16 +553,18 @@ class Bundle:
             raise BundleInvalidError(f"cannot read {manifest_path}: {err}") from err
         manifest = Manifest.from_json(text)
         bundle = cls(root, manifest)
+        resolved_root = bundle.resolved_root
+        listed = {e.path for e in manifest.files.values()}
         for key, entry in manifest.files.items():
-            file_path = _inside(root, entry.path)
+            file_path = _inside(root, entry.path, resolved_root)
             if not file_path.is_file():
                 raise BundleInvalidError(f"bundle file {entry.path!r} ({key}) is missing; copy the whole bundle directory")
             if verify != "none" and file_path.stat().st_size != entry.bytes:
                 raise BundleInvalidError(f"bundle file {entry.path!r} has {file_path.stat().st_size} bytes, manifest says {entry.bytes}: the bundle is incomplete or altered; copy it again")
-            if verify == "hashes" and sha256_file(file_path) != entry.sha256:
+            if verify == "hashes" and _FILE_SHA256.get(file_path) != entry.sha256:
                 raise BundleInvalidError(f"bundle file {entry.path!r} does not match its sha256 in the manifest: the bundle was altered or damaged; copy it again")
             if entry.path.endswith(".onnx"):
-                _check_external_data(root, entry.path, {e.path for e in manifest.files.values()})
+                _check_external_data(root, entry.path, listed, resolved_root)
         return bundle
 
     def file(self, key: str) -> Path:
@@ -519,7 +576,7 @@ class Bundle:
         """
         if key not in self.manifest.files:
             raise BundleInvalidError(f"this bundle has no {key!r} file; re-export it with the option that writes one")
-        return _inside(self.path, self.manifest.files[key].path)
+        return _inside(self.path, self.manifest.files[key].path, self.resolved_root)
 
     def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """The base model's tensors (all, or only ``names``) as float arrays, from ``weights``.
@@ -580,7 +637,9 @@ class Bundle:
             >>> list(Bundle.open("bundles/tiny").trainable_base())                     # doctest: +SKIP
             ['0.bias', '2.bias']
         """
-        return self.base_weights([t.name for t in self.manifest.trainable])
+        if self._trainable_base is None:  # read once: every training session starts from it
+            self._trainable_base = self.base_weights([t.name for t in self.manifest.trainable])
+        return {name: value.copy() for name, value in self._trainable_base.items()}
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
