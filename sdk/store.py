@@ -232,6 +232,31 @@ class DeltaStore:
         """
         return list(self._state(self.path_for(user)).versions)
 
+    def version_bytes(self, user: str, version: int) -> int:
+        """The size on disk of ``user``'s delta ``version``, without reading it.
+
+        Raises:
+            DeltaNotFoundError: there is no such version.
+            InvalidArgumentError: ``version`` is not an int >= 1.
+            StoreReadError: the file cannot be stat'ed (permissions, I/O).
+
+        Example:
+            >>> import numpy as np, tempfile
+            >>> from bitfit.sdk.delta import Delta
+            >>> store = DeltaStore(tempfile.mkdtemp())
+            >>> v = store.save("gil", Delta({"b": np.ones(3)}, "sha256:00", encoding="fp32"))
+            >>> store.version_bytes("gil", v) > 0
+            True
+        """
+        _check_version(version)
+        path = self.path_for(user) / _version_name(version)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            raise _no_version(user, version, self.versions(user)) from None
+        except OSError as err:
+            raise read_error(path, err) from err
+
     def users(self) -> list[str]:
         """The original ids of every user with a directory in the store, sorted.
 

@@ -66,6 +66,18 @@ def test_save_load_versions(store):
     assert json.loads((store.path_for("u") / "HEAD").read_text()) == {"current": 3, "latest": 3}
 
 
+def test_version_bytes_is_the_file_size_without_reading_it(store):
+    assert [store.save("u", delta(i, enc)) for i, enc in enumerate(("fp32", "fp16"))] == [1, 2]
+    for version in (1, 2):
+        assert store.version_bytes("u", version) == (store.path_for("u") / f"v{version:06d}.delta").stat().st_size
+        assert store.version_bytes("u", version) == store.info("u")[version - 1]["bytes"]
+    assert store.version_bytes("u", 2) < store.version_bytes("u", 1)  # fp16 halves the payload
+    with pytest.raises(DeltaNotFoundError, match=r"no version 3 \(has \[1, 2\]\)"):
+        store.version_bytes("u", 3)
+    with pytest.raises(InvalidArgumentError):
+        store.version_bytes("u", 0)
+
+
 def test_retention_prunes_oldest_but_never_current(tmp_path):
     store = DeltaStore(tmp_path, retention=2)
     for i in range(4):
