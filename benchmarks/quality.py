@@ -341,8 +341,9 @@ class Session:
 
     def sdk(self, user: QualityUser, seed: int = SEED, score_base: bool = True) -> dict[str, Any]:
         """The SDK with its defaults (``seed`` is personalize's, which shuffles the batches): open a
-        Personalizer on the bundle and personalize; never cached. ``score_base=False`` skips the
-        base model's test accuracy (the same for every seed; ``base`` is then None).
+        Personalizer on the bundle (cold: nothing remembered of its files) and personalize; never
+        cached. ``score_base=False`` skips the base model's test accuracy (the same for every seed;
+        ``base`` is then None).
 
         Example:
             >>> r = session.sdk(user)                                                            # doctest: +SKIP
@@ -350,7 +351,11 @@ class Session:
             ['accuracy', 'base', 'epochs_run']
         """
         from bitfit.sdk import Personalizer
+        from bitfit.sdk.bundle import forget_checked_files
 
+        # A cold open, as the first Personalizer of a process: the bundle's files hashed and
+        # parsed again, not remembered from the previous user's run (bitfit.sdk.file_facts).
+        forget_checked_files()
         with tempfile.TemporaryDirectory(prefix="bitfit-quality-") as store:
             t0 = time.perf_counter()
             personalizer = Personalizer(self.base.bundle_dir, store)
@@ -537,7 +542,8 @@ def render_section(run: QualityRun, *, command: str, plot: str | None = None) ->
              f"user's separate test examples, **{info.get('seeds', 1)} times** (training seeds {info.get('seed')} and up, "
              "which shuffle the batches): a user's accuracy is the mean of those runs. **SDK** = "
              "`Personalizer(bundle, store).personalize(train, user=..., seed=s)` with no tuning argument (its defaults); its "
-             "seconds include opening the Personalizer (loading the bundle). **PyTorch** = AdamW as the bundle's optimizer "
+             "seconds include opening the Personalizer (loading the bundle, its files hashed and checked as on a process's "
+             "first open: nothing remembered from the previous run). **PyTorch** = AdamW as the bundle's optimizer "
              f"runs it, {info.get('epochs')} epochs of batches of {info.get('batch_size')}, the SDK's tokenization and "
              "batches; seconds include loading the base model from disk. Head-only trains the head on cached embeddings; "
              "BitFit trains the bundle's trainable biases; full trains everything. Each PyTorch learning rate was chosen "

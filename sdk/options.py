@@ -8,6 +8,9 @@ so that each name means one thing everywhere:
   (CUDA where this build has it, else CPU), or a list of execution providers (names or
   ``(name, options)`` pairs; CPU is always appended as the fallback).
 - ``verify``: how a bundle's files are checked when it is opened (``Bundle.open``).
+- ``threads``: onnxruntime's intra-op threads per session, for training and inference alike:
+  an int (0: onnxruntime's default, one per core), or None: one thread for a small model
+  (under ``SMALL_MODEL_VALUES``), onnxruntime's default otherwise (:func:`session_threads`).
 
 A wrong value is an InvalidArgumentError that names the accepted ones.
 
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 from .errors import InvalidArgumentError
+from .training_plan import SMALL_MODEL_VALUES
 
 Verify = Literal["hashes", "sizes", "none"]
 DEFAULT_VERIFY: Verify = "hashes"
@@ -47,6 +51,45 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if not isinstance(value, (str, int, type(None))) or value not in choices:
         raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_threads(threads: Any) -> int | None:
+    """``threads`` if it is None or an int >= 0, else InvalidArgumentError.
+
+    Example:
+        >>> check_threads(2), check_threads(None)
+        (2, None)
+        >>> check_threads(-1)
+        Traceback (most recent call last):
+        ...
+        bitfit.sdk.errors.InvalidArgumentError: threads must be an int >= 0 (0: onnxruntime's default) or None (one thread for a model under 1,000,000 values, else onnxruntime's default), got -1
+    """
+    if threads is not None and (type(threads) is not int or threads < 0):
+        raise InvalidArgumentError(
+            f"threads must be an int >= 0 (0: onnxruntime's default) or None (one thread for a model under "
+            f"{SMALL_MODEL_VALUES:,} values, else onnxruntime's default), got {threads!r}"
+        )
+    return threads
+
+
+def session_threads(threads: int | None, total_values: int | None) -> int:
+    """The intra-op threads for a session of a model with ``total_values`` values: ``threads``
+    as given, or for None one thread when the model is small, else 0 (onnxruntime's default).
+
+    Why one thread for a small model: its ops are too small to split, and a thread pool costs
+    more than it saves: started and stopped with each session, woken for every op. Measured by
+    ``tools/thread_study.py`` (onnxruntime 1.19.2, 2 cores; open + 30 steps of 16 + close):
+    8.3 vs 11.5 ms at 17 k values, 22 vs 31 ms at 1 M, 90 vs 126 ms at 4.2 M. Above
+    ``SMALL_MODEL_VALUES`` (MiniLM: 22.6 M, whose steps are large matrix products) onnxruntime's
+    default is kept.
+
+    Example:
+        >>> session_threads(None, 20_000), session_threads(None, 22_600_000), session_threads(4, 20_000)
+        (1, 0, 4)
+    """
+    if threads is not None:
+        return threads
+    return 1 if total_values is not None and total_values < SMALL_MODEL_VALUES else 0
 
 
 def check_providers(providers: Any) -> Any:

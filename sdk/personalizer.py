@@ -34,7 +34,7 @@ from .population import INFO_KEY as POPULATION_INFO_KEY
 from .population import check_population_name, load_population
 from .population import offsets as population_offsets
 from .options import (
-    DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, open_store, providers_from_device,
+    DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_threads, open_store, providers_from_device,
 )
 from .metrics import merge_batches, mean_loss, perplexity, task_metrics
 from .runtime import cuda_available, is_out_of_memory
@@ -206,7 +206,9 @@ class Personalizer:
         backend: the training backend: "auto" (default: ``portable`` where the bundle has its
             models, else ``ort-training``), "portable" (plain onnxruntime) or "ort-training"
             (onnxruntime-training 1.19.2); see ``bitfit.sdk.trainer.open_training_session``.
-        threads: intra-op threads for training and inference (None = ORT's default).
+        threads: onnxruntime's intra-op threads for training and inference: an int (0: onnxruntime's
+            default, one per core), or None: one for a model under 1 M values (a thread pool costs a
+            small model more than it saves), else onnxruntime's default.
         key: AES key to encrypt deltas at rest (see docs/security.md).
         on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.
@@ -246,8 +248,7 @@ class Personalizer:
         check_choice("on_bad_delta", on_bad_delta, ("fallback", "raise"))
         if graph_optimization is not None:
             check_choice("graph_optimization", graph_optimization, get_args(GraphOptimization))
-        if threads is not None and (type(threads) is not int or threads < 0):
-            raise InvalidArgumentError(f"threads must be an int >= 0 or None (onnxruntime's default), got {threads!r}")
+        check_threads(threads)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
         self.store = open_store(store, key, allow_none=False)
         self.providers = providers
@@ -405,7 +406,7 @@ class Personalizer:
             version = self.store.save(user, delta)
             if self._predictor is not None:
                 self._predictor.invalidate(user)
-            size = _delta_file_bytes(self.store, user, version)
+            size = self.store.version_bytes(user, version)
         else:
             log.warning("user %r: no checkpoint beat the starting biases on the holdout (%d examples); nothing was "
                         "saved. Give more or more varied examples.", user, fit.holdout_examples)
@@ -474,14 +475,15 @@ class Personalizer:
         bar = _progress_bar(plan.steps, user, progress_bar)
         try:
             retried = False
+            session = self._open_session(start_values, plan.learning_rate)
             try:
-                outcome, session = self._train(plan, train, held, start_values, rng, started, user, patience, max_seconds,
-                                               bar, progress, examples)
+                outcome = self._train(session, plan, train, held, rng, started, user, patience, max_seconds, bar, progress,
+                                      examples)
             except TrainingDivergedError as err:
                 if rate_from == "argument":
                     raise
                 log.info("user %r: %s; retrying at %g", user, err, plan.learning_rate * RETRY_FACTOR)
-                outcome, session = None, None
+                outcome = None
             if outcome is None or (len(held) and not outcome.improved and rate_from != "argument"
                                    and outcome.stopped_by != "max_seconds"):
                 # The first run diverged or the holdout says it did not help: one more at a lower rate.
@@ -491,8 +493,10 @@ class Personalizer:
                 plan = dataclasses.replace(plan, learning_rate=plan.learning_rate * RETRY_FACTOR, reasons={
                     **plan.reasons, "learning_rate": plan.reasons["learning_rate"] + f"; x{RETRY_FACTOR:g} after a first "
                     f"run that {why}"})
-                outcome, session = self._train(plan, train, held, start_values, np.random.default_rng(seed + 1), started,
-                                               user, patience, max_seconds, bar, progress, examples)
+                # The same sessions, started over (built models are reused; values and moments are not).
+                session.restart(start=start_values, learning_rate=plan.learning_rate)
+                outcome = self._train(session, plan, train, held, np.random.default_rng(seed + 1), started, user, patience,
+                                      max_seconds, bar, progress, examples)
                 retried = True
         finally:
             if bar is not None:
@@ -510,13 +514,11 @@ class Personalizer:
             seconds=time.perf_counter() - started,
         )
 
-    def _train(self, plan: TrainingPlan, train: Examples, held: Examples, start_values: dict[str, np.ndarray] | None,
-               rng: np.random.Generator, started: float, user: str, patience: int | None, max_seconds: float | None,
-               bar: Any, progress: ProgressCallback | None, examples: Examples) -> tuple[LoopOutcome, Any]:
-        """One training run in a fresh session; onnxruntime failures become the error of their cause."""
+    def _open_session(self, start_values: dict[str, np.ndarray] | None, learning_rate: float) -> Any:
+        """A training session from ``start_values`` whose inputs are the ones the manifest names."""
         session = open_training_session(self.bundle, backend=self.backend, start=start_values,
                                         providers=_training_providers(self.providers), threads=self.threads,
-                                        learning_rate=plan.learning_rate)
+                                        learning_rate=learning_rate)
         manifest = self.bundle.manifest
         expected_inputs = {i.name for i in manifest.inputs} | {manifest.label_input}
         if set(session.input_names) != expected_inputs:  # a damaged manifest would fail inside ORT
@@ -524,6 +526,13 @@ class Personalizer:
                 f"manifest.json names training inputs {sorted(expected_inputs)}, the training model takes "
                 f"{sorted(session.input_names)}: the bundle was altered; copy or re-export it"
             )
+        return session
+
+    def _train(self, session: Any, plan: TrainingPlan, train: Examples, held: Examples, rng: np.random.Generator,
+               started: float, user: str, patience: int | None, max_seconds: float | None, bar: Any,
+               progress: ProgressCallback | None, examples: Examples) -> LoopOutcome:
+        """One training run of ``session``; onnxruntime failures become the error of their cause."""
+        manifest = self.bundle.manifest
 
         def on_step(step: int, epoch: int, loss: float, seconds: float) -> None:
             if bar is not None:
@@ -540,7 +549,7 @@ class Personalizer:
             raise TrainingDivergedError(f"{err}; nothing was saved and {user!r}'s previous delta is still current") from err
         except RuntimeError as err:  # what onnxruntime raises
             raise _training_error(err, plan.batch_size, examples) from err
-        return outcome, session
+        return outcome
 
     def _score(self, session: Any, held: Examples) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
         """Mean loss over ``held`` through the eval model, and the (outputs, labels) per batch."""
@@ -626,13 +635,6 @@ def _training_error(err: RuntimeError, batch_size: int, examples: Examples) -> B
             "value is one the model accepts (e.g. ids within its embeddings). Nothing was saved."
         )
     return err  # text we tokenized ourselves, or not a refused input: not the caller's data at fault
-
-
-def _delta_file_bytes(store: DeltaStore, user: str, version: int) -> int:
-    for row in store.info(user):
-        if row.get("version") == version:
-            return int(row.get("bytes", 0))
-    return 0
 
 
 def _progress_bar(total: int, user: str, wanted: bool | None):

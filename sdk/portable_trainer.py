@@ -30,6 +30,7 @@ from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidUserDataError, ProviderUnavailableError,
     ResourceExhaustedError,
 )
+from .options import session_threads
 from .runtime import cuda_available, is_out_of_memory, ort, resolve_providers
 from .training_checks import check_training_feeds, checked_learning_rate, checked_trainable_values, label_classes
 
@@ -65,7 +66,8 @@ class PortableTrainingSession:
             not given start from the base.
         device: ``"cpu"``, or ``"cuda"`` (CUDA, then CPU for any op CUDA lacks; refused with
             ProviderUnavailableError when this onnxruntime build has no CUDA).
-        threads: intra-op threads (None = onnxruntime's default).
+        threads: intra-op threads (0: onnxruntime's default; None: one for a model under 1 M
+            values, else onnxruntime's default: ``bitfit.sdk.options.session_threads``).
         learning_rate: the optimizer's learning rate (None = 1e-3, ORT's default).
         session_options: an ``onnxruntime.SessionOptions`` used as is for the three sessions.
         providers: execution providers instead of ``device`` (names or ``(name, options)``
@@ -105,8 +107,9 @@ class PortableTrainingSession:
         self.bundle = bundle
         self.providers = _providers(device, providers)
         options = session_options if session_options is not None else default_session_options()
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        intra_op = session_threads(threads, manifest.total_values)
+        if intra_op:
+            options.intra_op_num_threads = intra_op
             options.inter_op_num_threads = 1
         self._gradient = self._load(GRADIENT_MODEL, options)
         self._eval = self._load(EVAL_MODEL, options)
@@ -123,17 +126,33 @@ class PortableTrainingSession:
         self._adamw = manifest.optimizer == "adamw"
         self._classes = label_classes(manifest)  # labels beyond them are refused before a run
 
-        base = bundle.trainable_base()
-        self._values = {name: np.ascontiguousarray(base[name], np.float32).reshape(self._shapes[name]) for name in self.trainable}
+        self.restart(start=start, learning_rate=learning_rate)
+
+    def restart(self, *, start: Mapping[str, np.ndarray] | None = None, learning_rate: float | None = None) -> None:
+        """Start over as a new session would: values from the base (+ ``start``), AdamW's
+        moments and step at zero, the learning rate ``learning_rate`` (None: 1e-3).
+
+        The sessions stay loaded: a second run (a retry, another user) skips building them.
+        The same as opening a new session, because the trainable values and the optimizer
+        state live here, not in onnxruntime.
+
+        Example:
+            >>> session.restart(start=None, learning_rate=2e-3)                    # doctest: +SKIP
+            >>> session.trainable_values() == PortableTrainingSession(bundle).trainable_values()   # doctest: +SKIP
+        """
+        base = self.bundle.trainable_base()
+        values = {name: np.ascontiguousarray(base[name], np.float32).reshape(self._shapes[name]) for name in self.trainable}
         if start:
-            self.set_trainable_values(start)
-        # AdamW's moments and step: per session, so a new session (a new user) starts from zero.
+            values.update(checked_trainable_values(start, self._shapes))
+        learning_rate = np.array(checked_learning_rate(learning_rate) if learning_rate is not None else DEFAULT_LEARNING_RATE,
+                                 np.float32)
+        # Checked before anything changes: a refused argument leaves the session as it was.
+        self._values = values
+        # AdamW's moments and step: per run, so a new run (a new user) starts from zero.
         self._exp_avg = {name: np.zeros(shape, np.float32) for name, shape in self._shapes.items()}
         self._exp_avg_sq = {name: np.zeros(shape, np.float32) for name, shape in self._shapes.items()}
         self._step = 0
-        self._learning_rate = np.array(DEFAULT_LEARNING_RATE, np.float32)
-        if learning_rate is not None:
-            self.set_learning_rate(learning_rate)
+        self._learning_rate = learning_rate
 
     # -- loading ------------------------------------------------------------------------
     def _load(self, key: str, options: "ort.SessionOptions") -> "ort.InferenceSession":

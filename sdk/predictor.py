@@ -30,7 +30,10 @@ from .bundle import Bundle
 from .data import TextEncoder, as_feature_dict, check_feature_arrays, check_text
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError
-from .options import DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, open_store
+from .options import (
+    DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, check_threads, open_store,
+    session_threads,
+)
 from .population import check_population_name, load_population
 from .population import offsets as population_offsets
 from .runtime import ort, resolve_providers
@@ -91,7 +94,10 @@ class Predictor:
         strict_providers: refuse (ProviderUnavailableError) a listed provider this build
             lacks instead of warning and dropping it.
         verify: how the bundle's files are checked on opening: "hashes" (default), "sizes"
-            (a fast start: the MiniLM bundle is ~90 MB to hash) or "none".
+            (a fast start: the MiniLM bundle is ~90 MB to hash) or "none". A file already
+            hashed by this process and unchanged since is not hashed again (``bitfit.sdk.file_facts``).
+        threads: onnxruntime's intra-op threads: an int (0: onnxruntime's default), or None
+            (default): one for a model under 1 M values, else onnxruntime's default.
         key: AES key of an encrypted store (see docs/security.md).
         on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.
@@ -131,8 +137,7 @@ class Predictor:
         for name, value, low in (("batch_size", batch_size, 1), ("cache_size", cache_size, 0)):
             if type(value) is not int or value < low:
                 raise InvalidArgumentError(f"{name} must be an int >= {low}, got {value!r}")
-        if threads is not None and (type(threads) is not int or threads < 0):
-            raise InvalidArgumentError(f"threads must be an int >= 0 or None (onnxruntime's default), got {threads!r}")
+        check_threads(threads)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
         self.manifest = self.bundle.manifest
         self.store = open_store(store, key, allow_none=True)
@@ -140,8 +145,9 @@ class Predictor:
             raise InvalidArgumentError("population= needs a store to load it from; store=False has none")
         options = ort.SessionOptions()
         options.graph_optimization_level = _LEVELS[graph_optimization]
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        intra_op = session_threads(threads, self.manifest.total_values)
+        if intra_op:
+            options.intra_op_num_threads = intra_op
             options.inter_op_num_threads = 1
         self.providers = resolve_providers(providers, strict=strict_providers)
         self.session = ort.InferenceSession(str(self.bundle.file("inference_model")), options, providers=self.providers)

@@ -33,6 +33,7 @@ from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError,
     ResourceExhaustedError,
 )
+from .options import session_threads
 from .portable_trainer import Device, PortableTrainingSession
 from .training_checks import check_training_feeds, checked_learning_rate, checked_trainable_values, label_classes
 from .runtime import cuda_available, has_training_api, is_out_of_memory, ort
@@ -155,11 +156,13 @@ class OrtTrainingSession:
                 "use device='cpu' or install the CUDA build of onnxruntime-training"
             )
         self.bundle = bundle
+        self._open_args = {"device": device, "threads": threads, "session_options": session_options, "providers": providers}
         manifest = bundle.manifest
         # Caller's options (e.g. enable_profiling for a profile of the train step) or defaults.
         options = session_options if session_options is not None else ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        intra_op = session_threads(threads, manifest.total_values)
+        if intra_op:
+            options.intra_op_num_threads = intra_op
             options.inter_op_num_threads = 1
         try:
             self.state = training_api.CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
@@ -192,6 +195,16 @@ class OrtTrainingSession:
         self._classes = label_classes(manifest)
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
+
+    def restart(self, *, start: Mapping[str, np.ndarray] | None = None, learning_rate: float | None = None) -> None:
+        """Start over as a new session would (values from the base + ``start``, fresh AdamW
+        moments, ``learning_rate``): the training API keeps the moments in its checkpoint
+        state, which cannot be reset, so this loads the artifacts again.
+
+        Example:
+            >>> session.restart(start=None, learning_rate=2e-3)                     # doctest: +SKIP
+        """
+        self.__init__(self.bundle, start=start, learning_rate=learning_rate, **self._open_args)  # type: ignore[misc]
 
     def _fill_parameters(self, order: list[str], start: dict[str, np.ndarray]) -> None:
         """Copy every parameter into the nominal state through one preallocated buffer.

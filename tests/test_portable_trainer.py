@@ -368,6 +368,36 @@ def test_each_session_starts_with_fresh_optimizer_state_and_its_own_start(linear
     assert started.trainable_values()["0.bias"][0] == 0.5
 
 
+def test_restart_is_a_fresh_session_without_rebuilding_its_models(linear_bundle: Path) -> None:
+    """What a retry relies on: restart = a new session (values, AdamW moments, step, rate),
+    with the same onnxruntime sessions; a refused argument changes nothing."""
+    bundle = Bundle.open(linear_bundle)
+    x, y = _batch(3)
+    start = {"0.bias": np.full(HIDDEN, 0.5, np.float32)}
+    used = PortableTrainingSession(bundle, learning_rate=0.05)
+    for _ in range(3):
+        used.train_step({"x": x}, y)
+    models = (used._gradient, used._eval, used._optimizer)
+    used.restart(start=start, learning_rate=0.02)
+    fresh = PortableTrainingSession(bundle, start=start, learning_rate=0.02)
+    assert (used._gradient, used._eval, used._optimizer) == models  # not rebuilt
+    for n in TRAINABLE:
+        np.testing.assert_array_equal(used.trainable_values()[n], fresh.trainable_values()[n])
+    for seed in (4, 5):  # the same steps: the moments and step count started over too
+        xb, yb = _batch(seed)
+        assert used.train_step({"x": xb}, yb) == fresh.train_step({"x": xb}, yb)
+    for n in TRAINABLE:
+        np.testing.assert_array_equal(used.trainable_values()[n], fresh.trainable_values()[n])
+    before = used.trainable_values()
+    with pytest.raises(InvalidArgumentError, match="learning_rate must be"):
+        used.restart(learning_rate=-1.0)
+    with pytest.raises(InvalidArgumentError, match="elements"):
+        used.restart(start={"0.bias": np.zeros(HIDDEN + 1, np.float32)})
+    for n in TRAINABLE:
+        np.testing.assert_array_equal(used.trainable_values()[n], before[n])
+    assert used.train_step({"x": x}, y) == fresh.train_step({"x": x}, y)  # moments and rate untouched as well
+
+
 def test_values_in_and_out(linear_bundle: Path) -> None:
     session = PortableTrainingSession(Bundle.open(linear_bundle))
     session.set_trainable_values({"1.bias": [[1.0, 2.0, 3.0]]})  # reshaped to the training shape
@@ -584,6 +614,23 @@ def test_both_backends_train_alike_step_by_step(exported: Bundle) -> None:
     frozen = [n for n in exported.manifest.source["parameter_order"] if n not in base][:3]
     for name, value in sessions[1].parameter_values(frozen).items():
         np.testing.assert_array_equal(value, sessions[0].parameter_values([name])[name], err_msg=name)
+
+
+@needs_ort_training
+def test_both_backends_restart_like_a_new_session(numeric_bundle: Path) -> None:
+    bundle = Bundle.open(numeric_bundle)
+    rng = np.random.default_rng(1)
+    start = {n: v + 0.1 for n, v in bundle.trainable_base().items()}
+    for backend in ("ort-training", "portable"):
+        used = open_training_session(bundle, backend=backend, learning_rate=5e-2)
+        for _ in range(3):
+            used.train_step(*_random_batch(bundle, rng))
+        used.restart(start=start, learning_rate=1e-2)
+        fresh = open_training_session(bundle, backend=backend, start=start, learning_rate=1e-2)
+        batch = _random_batch(bundle, rng)
+        assert used.train_step(*batch) == pytest.approx(fresh.train_step(*batch), rel=1e-6), backend
+        for name, value in fresh.trainable_values().items():
+            np.testing.assert_allclose(used.trainable_values()[name], value, rtol=0, atol=1e-7, err_msg=f"{backend} {name}")
 
 
 @needs_ort_training

@@ -255,6 +255,32 @@ def test_training_that_only_hurts_saves_nothing_and_retries_once(trained, tmp_pa
     assert any("nothing was saved" in r.getMessage() for r in caplog.records)
 
 
+def test_the_retry_restarts_the_same_training_session(trained, monkeypatch):
+    """The retry does not rebuild the onnxruntime sessions: one open per personalize, and the
+    retried run starts from the user's delta again (not from where the harmful run ended)."""
+    import bitfit.sdk.personalizer as personalizer
+
+    p, data = trained
+    opened, restarts = [], []
+    real_open = personalizer.open_training_session
+
+    def counting_open(*args, **kwargs):
+        session = real_open(*args, **kwargs)
+        real_restart = session.restart
+        session.restart = lambda **kw: (restarts.append(kw), real_restart(**kw))[1]
+        opened.append(session)
+        return session
+
+    monkeypatch.setattr(personalizer, "open_training_session", counting_open)
+    monkeypatch.setitem(p.bundle.manifest.training_defaults, "learning_rate", HARMFUL_RATE)
+    result = p.personalize(data, user="ana", **QUIET)
+    assert result.retried and len(opened) == 1 and len(restarts) == 1
+    assert restarts[0]["learning_rate"] == HARMFUL_RATE * 0.25
+    ana = p.store.load("ana")
+    for name, value in restarts[0]["start"].items():
+        np.testing.assert_allclose(value, ana.apply_to(p.bundle.trainable_base())[name], atol=1e-6, err_msg=name)
+
+
 def test_no_retry_when_the_caller_gave_the_learning_rate(trained, tmp_path):
     p, data = trained
     store_files = all_files_sha256(tmp_path / "store")
