@@ -14,7 +14,9 @@ first, check on the second.
 ``--users quality-tuning`` uses ``make quality``'s four tweet *tuning* users instead (its base
 bundle, built by ``make quality``; nothing of its held-aside users), each personalized with
 ``--seeds`` training seeds, and also times PyTorch BitFit (3 epochs of 16 at 3e-3, seed 0) on
-each user in the same process for a side-by-side time ratio::
+each user in the same process for a side-by-side time ratio; ``--users quality-sms-tuning``
+does the same with its two SMS tuning users (100 messages each, 5% and 40% spam; BitFit at
+1e-3)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/tune_defaults.py --users quality-tuning --seeds 3 \\
         --set BATCH_SIZE=16 --set EPOCHS=3 --set EVALUATIONS=6
@@ -68,19 +70,24 @@ def users(which: str, train: int, test: int) -> list[tuple[str, list, list]]:
     return out
 
 
-def quality_tuning() -> tuple[list[tuple[str, list, list]], str, object]:
-    """``make quality``'s four tweet tuning users (as :func:`users` gives them), its tweet base
-    bundle (prepared if missing) and a timer of PyTorch BitFit (3e-3, seed 0) on a user."""
+# PyTorch BitFit's learning rate per make quality suite: the value its grid chose (2026-12-02 runs).
+QUALITY_TORCH_BITFIT_LR = {"tweets": 3e-3, "sms": 1e-3}
+
+
+def quality_tuning(suite_name: str = "tweets") -> tuple[list[tuple[str, list, list]], str, object]:
+    """``make quality``'s tuning users of ``suite_name`` (tweets: all four domains'; sms: the 5%
+    and 40% spam users), as :func:`users` gives them, its base bundle (prepared if missing) and
+    a timer of PyTorch BitFit (the suite's chosen rate, seed 0) on a user."""
     from benchmarks.quality import WORK, Cache, Session
     from benchmarks.quality_users import TWEET_USERS, full_suites, prepare_base
 
-    suite = full_suites(tweet_tuning_users=len(TWEET_USERS))[0]
+    suite = next(s for s in full_suites(tweet_tuning_users=len(TWEET_USERS)) if s.name == suite_name)
     base = prepare_base(suite, WORK / "quality", log=lambda message: None)
     session = Session(base, Cache(WORK / "quality" / "cache.json"), log=lambda message: None)
     tuning = {u.name: u for u in suite.users if u.role == "tuning"}
 
     def torch_seconds(user: str) -> float:
-        return float(session.torch(tuning[user], "torch-bitfit", 3e-3, fresh=True)["seconds"])
+        return float(session.torch(tuning[user], "torch-bitfit", QUALITY_TORCH_BITFIT_LR[suite_name], fresh=True)["seconds"])
 
     return [(u.name, u.train, u.test) for u in tuning.values()], str(base.bundle_dir), torch_seconds
 
@@ -131,7 +138,7 @@ def run_variant(bundle: str, variant: str, people: list, overrides: dict, bundle
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default="demo_out/bundle")
-    parser.add_argument("--users", choices=["tune", "aside", "quality-tuning"], default="tune")
+    parser.add_argument("--users", choices=["tune", "aside", "quality-tuning", "quality-sms-tuning"], default="tune")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per user")
     parser.add_argument("--variant", action="append", default=[], help="defaults | recipe:LR")
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE override of a training_plan constant")
@@ -141,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle-lr", type=float, help="the bundle's training_defaults learning rate, for defaults")
     args = parser.parse_args(argv)
     torch_seconds = None
-    if args.users == "quality-tuning":
-        people, args.bundle, torch_seconds = quality_tuning()
+    if args.users in ("quality-tuning", "quality-sms-tuning"):
+        people, args.bundle, torch_seconds = quality_tuning("tweets" if args.users == "quality-tuning" else "sms")
     else:
         people = users(args.users, args.train, args.test)
     overrides = dict(parse_override(x) for x in args.set)
