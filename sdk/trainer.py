@@ -160,7 +160,9 @@ class OrtTrainingSession:
         manifest = bundle.manifest
         # Caller's options (e.g. enable_profiling for a profile of the train step) or defaults.
         options = session_options if session_options is not None else ort.SessionOptions()
-        intra_op = session_threads(threads, manifest.total_values)
+        # The SDK's thread choice (session_threads) fills in only what the caller left open:
+        # given session_options are used as they are unless threads is given too.
+        intra_op = session_threads(threads, manifest.total_values) if session_options is None or threads else 0
         if intra_op:
             options.intra_op_num_threads = intra_op
             options.inter_op_num_threads = 1

@@ -244,3 +244,17 @@ def test_bad_threads_are_refused_naming_what_is_accepted(numeric_bundle, tmp_pat
                  lambda: Predictor(numeric_bundle, store=False, threads=threads)):
         with pytest.raises(InvalidArgumentError, match="threads must be an int >= 0 .0: onnxruntime's default. or None"):
             make()
+
+
+def test_given_session_options_keep_their_threads_unless_threads_is_given(numeric_bundle):
+    from bitfit.sdk.runtime import ort
+    from bitfit.sdk.trainer import open_training_session
+
+    bundle = Bundle.open(numeric_bundle)  # a small model: threads=None alone would mean 1
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = open_training_session(bundle, backend="portable", session_options=options)
+    assert session._gradient.get_session_options().intra_op_num_threads == 2
+    options = ort.SessionOptions()
+    session = open_training_session(bundle, backend="portable", session_options=options, threads=3)
+    assert session._gradient.get_session_options().intra_op_num_threads == 3
