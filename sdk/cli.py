@@ -112,8 +112,8 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="where it runs: cpu (default), cuda, auto (CUDA where available), or comma-separated "
                              "execution provider names")
     parser.add_argument("--threads", type=int,
-                        help="onnxruntime intra-op threads (0: its default, one per core; default: one for a model "
-                             "under 1 M values, else its default)")
+                        help="onnxruntime intra-op threads (0: its default, one per core; default: its default, "
+                             "except one for training a model under 1 M values)")
     parser.add_argument("--verify", default="hashes", choices=["hashes", "sizes", "none"],
                         help="how the bundle's files are checked on opening (default: hashes)")
 

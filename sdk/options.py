@@ -8,9 +8,9 @@ so that each name means one thing everywhere:
   (CUDA where this build has it, else CPU), or a list of execution providers (names or
   ``(name, options)`` pairs; CPU is always appended as the fallback).
 - ``verify``: how a bundle's files are checked when it is opened (``Bundle.open``).
-- ``threads``: onnxruntime's intra-op threads per session, for training and inference alike:
-  an int (0: onnxruntime's default, one per core), or None: one thread for a small model
-  (under ``SMALL_MODEL_VALUES``), onnxruntime's default otherwise (:func:`session_threads`).
+- ``threads``: onnxruntime's intra-op threads per session: an int (0: onnxruntime's default,
+  one per core), or None: the SDK's choice, onnxruntime's default except for the training
+  sessions of a small model (under ``SMALL_MODEL_VALUES``), which get one (:func:`session_threads`).
 
 A wrong value is an InvalidArgumentError that names the accepted ones.
 
@@ -62,26 +62,31 @@ def check_threads(threads: Any) -> int | None:
         >>> check_threads(-1)
         Traceback (most recent call last):
         ...
-        bitfit.sdk.errors.InvalidArgumentError: threads must be an int >= 0 (0: onnxruntime's default) or None (one thread for a model under 1,000,000 values, else onnxruntime's default), got -1
+        bitfit.sdk.errors.InvalidArgumentError: threads must be an int >= 0 (0: onnxruntime's default, one per core) or None (the SDK's choice), got -1
     """
     if threads is not None and (type(threads) is not int or threads < 0):
         raise InvalidArgumentError(
-            f"threads must be an int >= 0 (0: onnxruntime's default) or None (one thread for a model under "
-            f"{SMALL_MODEL_VALUES:,} values, else onnxruntime's default), got {threads!r}"
+            f"threads must be an int >= 0 (0: onnxruntime's default, one per core) or None (the SDK's choice), "
+            f"got {threads!r}"
         )
     return threads
 
 
 def session_threads(threads: int | None, total_values: int | None) -> int:
-    """The intra-op threads for a session of a model with ``total_values`` values: ``threads``
-    as given, or for None one thread when the model is small, else 0 (onnxruntime's default).
+    """The intra-op threads for a *training* session of a model with ``total_values`` values:
+    ``threads`` as given, or for None one thread when the model is small, else 0
+    (onnxruntime's default).
 
-    Why one thread for a small model: its ops are too small to split, and a thread pool costs
-    more than it saves: started and stopped with each session, woken for every op. Measured by
-    ``tools/thread_study.py`` (onnxruntime 1.19.2, 2 cores; open + 30 steps of 16 + close):
-    8.3 vs 11.5 ms at 17 k values, 22 vs 31 ms at 1 M, 90 vs 126 ms at 4.2 M. Above
-    ``SMALL_MODEL_VALUES`` (MiniLM: 22.6 M, whose steps are large matrix products) onnxruntime's
-    default is kept.
+    Why one thread for a small model's training: its ops are too small to split, and a thread
+    pool costs more than it saves: started and stopped with each session (``personalize``
+    builds its sessions per call), woken for every op. Measured by ``tools/thread_study.py``
+    (onnxruntime 1.19.2, 2 cores; open + 30 steps of 16 + close), one thread vs the default:
+    9.8 vs 12.3 ms for a 17 k-value MLP, 22.6 vs 22.8 ms at 1 M, 80 vs 111 ms at 4.2 M (an
+    earlier run of the same study: 8.3 vs 11.5, 22 vs 31, 90 vs 126 ms). Above
+    ``SMALL_MODEL_VALUES`` (MiniLM: 22.6 M, whose steps are large matrix products) the default
+    is kept. Inference keeps it for every model (``Predictor``): its session lives long and its
+    batches are large (the same study, 64 rows: 6.9 ms on one thread vs 4.1 ms by default at
+    4.2 M values; 16.8 vs 15.8 ms for a 1 M-value text model at 64 tokens).
 
     Example:
         >>> session_threads(None, 20_000), session_threads(None, 22_600_000), session_threads(4, 20_000)

@@ -207,8 +207,8 @@ class Personalizer:
             models, else ``ort-training``), "portable" (plain onnxruntime) or "ort-training"
             (onnxruntime-training 1.19.2); see ``bitfit.sdk.trainer.open_training_session``.
         threads: onnxruntime's intra-op threads for training and inference: an int (0: onnxruntime's
-            default, one per core), or None: one for a model under 1 M values (a thread pool costs a
-            small model more than it saves), else onnxruntime's default.
+            default, one per core), or None: the SDK's choice, onnxruntime's default except for
+            training a model under 1 M values, on one thread (``bitfit.sdk.options.session_threads``).
         key: AES key to encrypt deltas at rest (see docs/security.md).
         on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.

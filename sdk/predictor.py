@@ -32,7 +32,6 @@ from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError
 from .options import (
     DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, check_threads, open_store,
-    session_threads,
 )
 from .population import check_population_name, load_population
 from .population import offsets as population_offsets
@@ -96,8 +95,9 @@ class Predictor:
         verify: how the bundle's files are checked on opening: "hashes" (default), "sizes"
             (a fast start: the MiniLM bundle is ~90 MB to hash) or "none". A file already
             hashed by this process and unchanged since is not hashed again (``bitfit.sdk.file_facts``).
-        threads: onnxruntime's intra-op threads: an int (0: onnxruntime's default), or None
-            (default): one for a model under 1 M values, else onnxruntime's default.
+        threads: onnxruntime's intra-op threads: an int, or None / 0 (default): onnxruntime's
+            default, one per core (inference batches are large and the session lives long,
+            so its thread pool pays off even for a small model).
         key: AES key of an encrypted store (see docs/security.md).
         on_bad_delta: "fallback" serves the base model for a user whose delta is corrupt or
             for another base (reported in ``Prediction.fallbacks``); "raise" raises.
@@ -145,9 +145,8 @@ class Predictor:
             raise InvalidArgumentError("population= needs a store to load it from; store=False has none")
         options = ort.SessionOptions()
         options.graph_optimization_level = _LEVELS[graph_optimization]
-        intra_op = session_threads(threads, self.manifest.total_values)
-        if intra_op:
-            options.intra_op_num_threads = intra_op
+        if threads:  # None: onnxruntime's default (a long-lived session: its thread pool starts once)
+            options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.providers = resolve_providers(providers, strict=strict_providers)
         self.session = ort.InferenceSession(str(self.bundle.file("inference_model")), options, providers=self.providers)
