@@ -14,7 +14,9 @@ identity did not change while it was computed, and both its times were already
 a coarse clock (a few milliseconds on Linux), so a same-size rewrite in the same tick as the
 computation would keep the identity; a file written that recently is simply checked again
 next time. A status-change time cannot be set back by a user, so a rewrite, a ``touch -d``
-or a replacement by another file changes the identity.
+or a replacement by another file changes the identity. On Windows ``st_ctime`` is the
+creation time instead, which a same-size rewrite with its modification time forged back
+would keep: nothing is remembered there (:data:`REMEMBERS`), every open checks again.
 
 Example:
     >>> import tempfile, pathlib, hashlib
@@ -40,6 +42,8 @@ Value = TypeVar("Value")
 SETTLED_SECONDS = 2.0
 # Facts kept per kind; the least recently used goes first (a bundle has ~10 files).
 MAX_FILES = 256
+# Whether facts are kept at all: only where st_ctime is the status-change time (not Windows).
+REMEMBERS = os.name != "nt"
 
 _Identity = tuple[str, int, int, int, int, int]
 
@@ -94,7 +98,7 @@ class FileFacts(Generic[Value]):
         value = self._compute(path)
         after, _ = _identity(path)
         settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_SECONDS * 1e9
-        if after == before and settled:
+        if after == before and settled and REMEMBERS:
             with self._lock:
                 self._known[before] = value
                 while len(self._known) > self._max_files:
@@ -111,4 +115,4 @@ class FileFacts(Generic[Value]):
             self._known.clear()
 
 
-__all__ = ["FileFacts", "SETTLED_SECONDS", "MAX_FILES"]
+__all__ = ["FileFacts", "SETTLED_SECONDS", "MAX_FILES", "REMEMBERS"]

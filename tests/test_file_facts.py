@@ -142,3 +142,15 @@ def test_a_byte_flipped_after_an_opening_is_still_refused(numeric_bundle, tmp_pa
     assert weights.stat().st_size == st.st_size
     with pytest.raises(BundleInvalidError, match="does not match its sha256"):
         Bundle.open(bundle_dir)
+
+
+def test_nothing_is_remembered_where_ctime_is_not_the_status_change_time(tmp_path, settled, monkeypatch):
+    """Windows: st_ctime is the creation time, kept by a rewrite with its mtime forged back."""
+    monkeypatch.setattr(file_facts, "REMEMBERS", False)
+    path, calls = tmp_path / "f", []
+    path.write_bytes(b"abc")
+    settle()
+    facts = _counting(calls)
+    facts.get(path)
+    facts.get(path)
+    assert len(calls) == 2
