@@ -40,9 +40,9 @@ from .metrics import merge_batches, mean_loss, perplexity, task_metrics
 from .runtime import cuda_available, is_out_of_memory
 from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
-from .trainer import BackendChoice, Device, open_training_session
+from .trainer import BackendChoice, Device, IdleSession, open_training_session
 from .training_loop import LoopOutcome, StopReason, run_training
-from .training_plan import Schedule, TrainingPlan, learning_rate_for_size, plan_training
+from .training_plan import SMALL_MODEL_VALUES, Schedule, TrainingPlan, learning_rate_for_size, plan_training
 
 log = logging.getLogger("bitfit.sdk")
 
@@ -194,6 +194,11 @@ class Personalizer:
     The options have the same names, values and defaults in :class:`~bitfit.sdk.predictor.Predictor`
     and the ``bitfit`` command (``bitfit.sdk.options``); a wrong value is an InvalidArgumentError.
 
+    One Personalizer serves many users: for a model under 1 M values it keeps its training
+    session between calls and restarts it for the next one (fresh values, optimizer moments
+    and rate: each delta is what a new Personalizer would train); concurrent calls never
+    share a session. A larger model's sessions are built per call (MiniLM's hold ~240 MB).
+
     Args:
         bundle: a bundle directory (or an opened Bundle).
         store: where deltas live: a path, a DeltaStore, or None (default) for the platform's
@@ -262,6 +267,10 @@ class Personalizer:
         self._predictor: Predictor | None = None
         self._encoder = TextEncoder(self.bundle) if self.bundle.manifest.text else None
         self._base: dict[str, np.ndarray] | None = None
+        # A small model's training session is kept between calls and restarted for the next
+        # user (a few MB); a large model's is not (MiniLM's hold ~240 MB while idle).
+        total = self.bundle.manifest.total_values
+        self._idle_session = IdleSession(keep=total is not None and total < SMALL_MODEL_VALUES)
 
     @property
     def predictor(self) -> Predictor:
@@ -502,6 +511,7 @@ class Personalizer:
             if bar is not None:
                 bar.close()
         trained = session.trainable_values()
+        self._idle_session.give_back(session)  # after a run that ended normally only
         if not all(np.all(np.isfinite(v)) for v in trained.values()):
             raise TrainingDivergedError(f"training produced non-finite biases; nothing was saved for {user!r}. Lower the learning rate.")
         # The loop scored the start and the kept checkpoint on the holdout: their metrics come from those passes.
@@ -515,7 +525,12 @@ class Personalizer:
         )
 
     def _open_session(self, start_values: dict[str, np.ndarray] | None, learning_rate: float) -> Any:
-        """A training session from ``start_values`` whose inputs are the ones the manifest names."""
+        """A training session from ``start_values`` whose inputs are the ones the manifest names:
+        the kept one restarted, or a new one."""
+        session = self._idle_session.take()
+        if session is not None:
+            session.restart(start=start_values, learning_rate=learning_rate)
+            return session
         session = open_training_session(self.bundle, backend=self.backend, start=start_values,
                                         providers=_training_providers(self.providers), threads=self.threads,
                                         learning_rate=learning_rate)

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -390,5 +391,48 @@ def _device_for_providers(device: str, providers: str | Sequence[Any] | None) ->
     return "cuda" if "CUDAExecutionProvider" in names else "cpu"
 
 
+class IdleSession:
+    """At most one portable training session kept between runs, to be restarted rather than
+    built again (``PortableTrainingSession.restart``: fresh values, moments and rate).
+
+    Thread-safe: a run takes the session out of the slot, so two concurrent runs never share
+    one (the second builds its own); a finished run puts its session back if the slot is empty.
+    ``keep=False`` keeps nothing (what a large model gets: its sessions hold hundreds of MB).
+
+    Example:
+        >>> slot = IdleSession(keep=True)
+        >>> slot.take() is None
+        True
+    """
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self._session: PortableTrainingSession | None = None
+        self._lock = threading.Lock()
+
+    def take(self) -> "PortableTrainingSession | None":
+        """The kept session (now the caller's alone), or None.
+
+        Example:
+            >>> IdleSession(keep=False).take() is None
+            True
+        """
+        with self._lock:
+            session, self._session = self._session, None
+        return session
+
+    def give_back(self, session: Any) -> None:
+        """Keep ``session`` for the next run (a portable one, when keeping and none is kept yet).
+
+        Example:
+            >>> IdleSession(keep=False).give_back(object())
+        """
+        if not self.keep or not isinstance(session, PortableTrainingSession):
+            return
+        with self._lock:
+            if self._session is None:
+                self._session = session
+
+
 __all__ = ["open_training_session", "OrtTrainingSession", "TrainingSession", "PortableTrainingSession", "BackendChoice",
-           "Device", "cuda_available"]
+           "Device", "cuda_available", "IdleSession"]

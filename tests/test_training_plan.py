@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import bitfit.sdk.personalizer as personalizer_module
 from bitfit.sdk import Personalizer
+from bitfit.sdk.bundle import Bundle
 from bitfit.sdk.cli import main
 from bitfit.sdk.data import Examples, split_holdout
 from bitfit.sdk.data_checks import data_warnings
@@ -256,29 +257,90 @@ def test_training_that_only_hurts_saves_nothing_and_retries_once(trained, tmp_pa
 
 
 def test_the_retry_restarts_the_same_training_session(trained, monkeypatch):
-    """The retry does not rebuild the onnxruntime sessions: one open per personalize, and the
-    retried run starts from the user's delta again (not from where the harmful run ended)."""
+    """The retry does not rebuild the onnxruntime sessions: at most one built per personalize
+    (none when the Personalizer kept one), the retry restarts that same session, and it starts
+    from the user's delta again (not from where the harmful run ended)."""
     import bitfit.sdk.personalizer as personalizer
+    from bitfit.sdk.portable_trainer import PortableTrainingSession
 
     p, data = trained
     opened, restarts = [], []
-    real_open = personalizer.open_training_session
-
-    def counting_open(*args, **kwargs):
-        session = real_open(*args, **kwargs)
-        real_restart = session.restart
-        session.restart = lambda **kw: (restarts.append(kw), real_restart(**kw))[1]
-        opened.append(session)
-        return session
-
-    monkeypatch.setattr(personalizer, "open_training_session", counting_open)
+    real_open, real_restart = personalizer.open_training_session, PortableTrainingSession.restart
+    monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(PortableTrainingSession, "restart",
+                        lambda self, **kw: (restarts.append((id(self), kw)), real_restart(self, **kw))[1])
     monkeypatch.setitem(p.bundle.manifest.training_defaults, "learning_rate", HARMFUL_RATE)
     result = p.personalize(data, user="ana", **QUIET)
-    assert result.retried and len(opened) == 1 and len(restarts) == 1
-    assert restarts[0]["learning_rate"] == HARMFUL_RATE * 0.25
+    assert result.retried and len(opened) + len(restarts) == 2  # one session: built or kept, then restarted
+    assert len({session for session, _ in restarts}) == 1
+    start, kwargs = restarts[-1][1]["start"], restarts[-1][1]
+    assert kwargs["learning_rate"] == HARMFUL_RATE * 0.25
     ana = p.store.load("ana")
-    for name, value in restarts[0]["start"].items():
+    for name, value in start.items():
         np.testing.assert_allclose(value, ana.apply_to(p.bundle.trainable_base())[name], atol=1e-6, err_msg=name)
+
+
+def test_a_small_models_session_is_kept_for_the_next_user_and_trains_like_a_new_one(numeric_bundle, tmp_path,
+                                                                                    monkeypatch):
+    import bitfit.sdk.personalizer as personalizer
+
+    opened = []
+    real_open = personalizer.open_training_session
+    monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    reused = Personalizer(numeric_bundle, store=tmp_path / "reused")
+    first = [reused.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET) for s in range(3)]
+    assert len(opened) == 1  # built once, restarted for the next two users
+    for s in range(3):  # each user's delta is what a Personalizer of its own trains
+        alone = Personalizer(numeric_bundle, store=tmp_path / f"alone{s}")
+        result = alone.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
+        assert result.steps == first[s].steps and result.retried == first[s].retried
+        for name, value in alone.store.load(f"u{s}").tensors.items():
+            np.testing.assert_array_equal(reused.store.load(f"u{s}").tensors[name], value, err_msg=f"u{s} {name}")
+
+
+def test_a_large_models_session_is_not_kept(numeric_bundle, tmp_path, monkeypatch):
+    import bitfit.sdk.personalizer as personalizer
+
+    opened = []
+    real_open = personalizer.open_training_session
+    monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    bundle = Bundle.open(numeric_bundle)
+    bundle.manifest.policy["total_values"] = 22_600_000  # as if it were MiniLM: hundreds of MB held idle
+    p = Personalizer(bundle, store=tmp_path / "s")
+    for s in range(2):
+        p.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
+    assert len(opened) == 2
+
+
+def test_concurrent_calls_never_share_a_session(numeric_bundle, tmp_path):
+    """Two users training at the same moment on one Personalizer that has a session kept:
+    one takes it, the other builds its own; both deltas are what a Personalizer of their own trains."""
+    import threading
+
+    p = Personalizer(numeric_bundle, store=tmp_path / "shared")
+    p.personalize(habit_data(60, seed=9), user="warm-up", seed=9, **QUIET)  # now a session is kept
+    both_training = threading.Barrier(2, timeout=30)
+    met = []
+
+    def meet(progress) -> None:
+        if progress.step == 2 and len(met) < 2:  # each thread once, in the middle of its run
+            met.append(progress.user)
+            both_training.wait()
+
+    def run(s: int) -> None:
+        p.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, progress=meet, **QUIET)
+
+    workers = [threading.Thread(target=run, args=(s,)) for s in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(met) == ["u0", "u1"]  # the two runs did overlap
+    for s in range(2):
+        alone = Personalizer(numeric_bundle, store=tmp_path / f"alone{s}")
+        alone.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
+        for name, value in alone.store.load(f"u{s}").tensors.items():
+            np.testing.assert_array_equal(p.store.load(f"u{s}").tensors[name], value, err_msg=f"u{s} {name}")
 
 
 def test_no_retry_when_the_caller_gave_the_learning_rate(trained, tmp_path):
