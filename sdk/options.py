@@ -78,8 +78,8 @@ def session_threads(threads: int | None, total_values: int | None) -> int:
     (onnxruntime's default).
 
     Why one thread for a small model's training: its ops are too small to split, and a thread
-    pool costs more than it saves: started and stopped with each session (``personalize``
-    builds its sessions per call), woken for every op. Measured by ``tools/thread_study.py``
+    pool costs more than it saves: started and stopped with each session (a Personalizer used
+    once builds its own), woken for every op. Measured by ``tools/thread_study.py``
     (onnxruntime 1.19.2, 2 cores; open + 30 steps of 16 + close), one thread vs the default:
     9.8 vs 12.3 ms for a 17 k-value MLP, 22.6 vs 22.8 ms at 1 M, 80 vs 111 ms at 4.2 M (an
     earlier run of the same study: 8.3 vs 11.5, 22 vs 31, 90 vs 126 ms). Above

@@ -8,8 +8,8 @@
   this module (and the SDK) loads on plain onnxruntime.
 
 :func:`open_training_session` picks one (``backend="auto"``: portable where the bundle has
-it) and says why when neither can run. Every session starts fresh: its optimizer state
-(AdamW's moments) belongs to it alone.
+it) and says why when neither can run. Every session starts fresh, and so does every
+``restart`` of one: its optimizer state (AdamW's moments) belongs to that run alone.
 
 Example:
     >>> from bitfit.sdk.bundle import Bundle
