@@ -197,7 +197,8 @@ class Personalizer:
     One Personalizer serves many users: for a model under 1 M values it keeps its training
     session between calls and restarts it for the next one (fresh values, optimizer moments
     and rate: each delta is what a new Personalizer would train); concurrent calls never
-    share a session. A larger model's sessions are built per call (MiniLM's hold ~240 MB).
+    share a session. A larger model's sessions are built per call (MiniLM's hold hundreds of
+    MB) unless ``keep_training_session=True``.
 
     Args:
         bundle: a bundle directory (or an opened Bundle).
@@ -224,6 +225,10 @@ class Personalizer:
             delta) and saves the user's delta relative to base + the current population,
             recording its version; predict applies it. None (default): no population.
         device: deprecated alias of ``providers`` ("cpu" or "cuda"); warns.
+        keep_training_session: keep the training session between calls and restart it for the
+            next one: None (default) for a model under 1 M values only; True for any model (a
+            server personalizing MiniLM users one after another skips building its sessions on
+            every call after the first, and holds their hundreds of MB while idle); False never.
 
     Example:
         >>> Personalizer("bundles/tiny", store=False)            # doctest: +SKIP
@@ -246,8 +251,11 @@ class Personalizer:
         verify: Verify = DEFAULT_VERIFY,
         device: Device | None = None,
         population: str | None = None,
+        keep_training_session: bool | None = None,
     ) -> None:
         providers = providers_from_device(providers, device)
+        if keep_training_session is not None and type(keep_training_session) is not bool:
+            raise InvalidArgumentError(f"keep_training_session must be None, True or False, got {keep_training_session!r}")
         check_choice("backend", backend, get_args(BackendChoice))
         check_choice("verify", verify, ("hashes", "sizes", "none"))
         check_choice("on_bad_delta", on_bad_delta, ("fallback", "raise"))
@@ -268,9 +276,10 @@ class Personalizer:
         self._encoder = TextEncoder(self.bundle) if self.bundle.manifest.text else None
         self._base: dict[str, np.ndarray] | None = None
         # A small model's training session is kept between calls and restarted for the next
-        # user (a few MB); a large model's is not (MiniLM's hold ~240 MB while idle).
+        # user (a few MB); a large model's only when asked (MiniLM's hold hundreds of MB).
         total = self.bundle.manifest.total_values
-        self._idle_session = IdleSession(keep=total is not None and total < SMALL_MODEL_VALUES)
+        small = total is not None and total < SMALL_MODEL_VALUES
+        self._idle_session = IdleSession(keep=small if keep_training_session is None else keep_training_session)
 
     @property
     def predictor(self) -> Predictor:

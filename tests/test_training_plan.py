@@ -18,6 +18,7 @@ from bitfit.sdk import Personalizer
 from bitfit.sdk.bundle import Bundle
 from bitfit.sdk.cli import main
 from bitfit.sdk.data import Examples, split_holdout
+from bitfit.sdk.errors import InvalidArgumentError
 from bitfit.sdk.data_checks import data_warnings
 from bitfit.sdk.training_plan import (
     BATCH_SIZE, EPOCHS, SMALL_MODEL_BATCH_SIZE, SMALL_MODEL_EPOCHS, MAX_HOLDOUT, MAX_STEPS, MIN_HOLDOUT, MIN_HOLDOUT_DATA, MIN_STEPS, plan_training,
@@ -298,18 +299,30 @@ def test_a_small_models_session_is_kept_for_the_next_user_and_trains_like_a_new_
             np.testing.assert_array_equal(reused.store.load(f"u{s}").tensors[name], value, err_msg=f"u{s} {name}")
 
 
-def test_a_large_models_session_is_not_kept(numeric_bundle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("total_values, keep, builds", [
+    (22_600_000, None, 2),   # as if it were MiniLM: hundreds of MB would be held idle, so not kept
+    (22_600_000, True, 1),   # asked for
+    (20_000, False, 2),      # refused even for a small model
+    (20_000, None, 1),
+])
+def test_which_sessions_are_kept(numeric_bundle, tmp_path, monkeypatch, total_values, keep, builds):
     import bitfit.sdk.personalizer as personalizer
 
     opened = []
     real_open = personalizer.open_training_session
     monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
     bundle = Bundle.open(numeric_bundle)
-    bundle.manifest.policy["total_values"] = 22_600_000  # as if it were MiniLM: hundreds of MB held idle
-    p = Personalizer(bundle, store=tmp_path / "s")
+    bundle.manifest.policy["total_values"] = total_values
+    p = Personalizer(bundle, store=tmp_path / "s", keep_training_session=keep)
     for s in range(2):
         p.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
-    assert len(opened) == 2
+    assert len(opened) == builds
+
+
+@pytest.mark.parametrize("keep", ["yes", 1, 0])
+def test_keep_training_session_takes_none_true_or_false(numeric_bundle, tmp_path, keep):
+    with pytest.raises(InvalidArgumentError, match="keep_training_session must be None, True or False"):
+        Personalizer(numeric_bundle, store=tmp_path / "s", keep_training_session=keep)
 
 
 def test_concurrent_calls_never_share_a_session(numeric_bundle, tmp_path):
