@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 from .errors import InvalidArgumentError
-from .training_plan import SMALL_MODEL_VALUES
+from .training_plan import is_small_model
 
 Verify = Literal["hashes", "sizes", "none"]
 DEFAULT_VERIFY: Verify = "hashes"
@@ -94,7 +94,7 @@ def session_threads(threads: int | None, total_values: int | None) -> int:
     """
     if threads is not None:
         return threads
-    return 1 if total_values is not None and total_values < SMALL_MODEL_VALUES else 0
+    return 1 if is_small_model(total_values) else 0
 
 
 def check_providers(providers: Any) -> Any:

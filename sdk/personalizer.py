@@ -42,7 +42,7 @@ from .predictor import GraphOptimization, Prediction, Predictor
 from .store import DeltaStore
 from .trainer import BackendChoice, Device, IdleSession, open_training_session
 from .training_loop import LoopOutcome, StopReason, run_training
-from .training_plan import SMALL_MODEL_VALUES, Schedule, TrainingPlan, learning_rate_for_size, plan_training
+from .training_plan import Schedule, TrainingPlan, is_small_model, learning_rate_for_size, plan_training
 
 log = logging.getLogger("bitfit.sdk")
 
@@ -277,8 +277,7 @@ class Personalizer:
         self._base: dict[str, np.ndarray] | None = None
         # A small model's training session is kept between calls and restarted for the next
         # user (a few MB); a large model's only when asked (MiniLM's hold hundreds of MB).
-        total = self.bundle.manifest.total_values
-        small = total is not None and total < SMALL_MODEL_VALUES
+        small = is_small_model(self.bundle.manifest.total_values)
         self._idle_session = IdleSession(keep=small if keep_training_session is None else keep_training_session)
 
     @property
@@ -479,7 +478,7 @@ class Personalizer:
         examples = load_examples(user_data, self.bundle, self._encoder, max_examples=max_examples)
         plan = plan_training(len(examples), learning_rate=rate, learning_rate_from=rate_from, epochs=epochs,
                              batch_size=batch_size, holdout=holdout, schedule=schedule, max_steps=max_steps,
-                             model_values=manifest.policy.get("total_values") if isinstance(manifest.policy, dict) else None)
+                             model_values=manifest.total_values)
         rng = np.random.default_rng(seed)
         classes = examples.labels if manifest.loss == "cross-entropy" else None
         train_index, holdout_index = split_holdout(len(examples), plan.holdout, rng, labels=classes)
@@ -675,9 +674,8 @@ def _learning_rate(given: Any, manifest: Any) -> tuple[Any, str]:
         return given, "argument"
     if "learning_rate" in manifest.training_defaults:
         return manifest.training_defaults["learning_rate"], "bundle"
-    total = manifest.policy.get("total_values") if isinstance(manifest.policy, dict) else None
-    if isinstance(total, int) and total > 0:
-        return learning_rate_for_size(total), "model size"
+    if manifest.total_values is not None:
+        return learning_rate_for_size(manifest.total_values), "model size"
     return DEFAULT_LEARNING_RATE, "default"
 
 

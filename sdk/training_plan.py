@@ -73,6 +73,18 @@ LARGE_MODEL = (22_566_531, 4e-3)
 MIN_LEARNING_RATE = 5e-4
 
 
+def is_small_model(total_values: int | None) -> bool:
+    """Whether a model of ``total_values`` values is small (under ``SMALL_MODEL_VALUES``); an
+    unknown size counts as pretrained-size. Its steps are cheap next to their fixed costs: it
+    trains longer in larger batches, on one thread, and a Personalizer keeps its session.
+
+    Example:
+        >>> is_small_model(20_000), is_small_model(22_600_000), is_small_model(None)
+        (True, False, False)
+    """
+    return total_values is not None and total_values < SMALL_MODEL_VALUES
+
+
 def learning_rate_for_size(total_values: int) -> float:
     """The peak learning rate for a model of ``total_values`` parameter values: geometric
     interpolation between the two measured anchors (``SMALL_MODEL``, ``LARGE_MODEL``), held at
@@ -192,7 +204,7 @@ def plan_training(
             held = 0
         reasons["holdout"] = f"holdout={holdout:g} given"
     train = examples - held
-    small = model_values is not None and model_values < SMALL_MODEL_VALUES
+    small = is_small_model(model_values)
     if batch_size is None:
         size = SMALL_MODEL_BATCH_SIZE if small else BATCH_SIZE
         batch_size = max(1, min(size, train))
@@ -221,5 +233,5 @@ def plan_training(
     )
 
 
-__all__ = ["Schedule", "TrainingPlan", "plan_training", "learning_rate_for_size", "SMALL_MODEL", "LARGE_MODEL", "BATCH_SIZE", "EPOCHS", "MIN_STEPS", "MAX_STEPS",
+__all__ = ["Schedule", "TrainingPlan", "plan_training", "is_small_model", "learning_rate_for_size", "SMALL_MODEL", "LARGE_MODEL", "BATCH_SIZE", "EPOCHS", "MIN_STEPS", "MAX_STEPS",
            "SMALL_MODEL_EPOCHS", "SMALL_MODEL_BATCH_SIZE", "SMALL_MODEL_VALUES", "WARMUP_FRACTION", "HOLDOUT_FRACTION", "MIN_HOLDOUT_DATA", "MIN_HOLDOUT", "MAX_HOLDOUT", "EVALUATIONS"]
