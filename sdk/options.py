@@ -72,10 +72,11 @@ def check_threads(threads: Any) -> int | None:
     return threads
 
 
-def session_threads(threads: int | None, total_values: int | None) -> int:
+def session_threads(threads: int | None, total_values: int | None, options_given: bool = False) -> int:
     """The intra-op threads for a *training* session of a model with ``total_values`` values:
     ``threads`` as given, or for None one thread when the model is small, else 0
-    (onnxruntime's default).
+    (onnxruntime's default). ``options_given``: the caller passed its own session options,
+    which the SDK's choice does not override (0 for None).
 
     Why one thread for a small model's training: its ops are too small to split, and a thread
     pool costs more than it saves: started and stopped with each session (a Personalizer used
@@ -91,10 +92,27 @@ def session_threads(threads: int | None, total_values: int | None) -> int:
     Example:
         >>> session_threads(None, 20_000), session_threads(None, 22_600_000), session_threads(4, 20_000)
         (1, 0, 4)
+        >>> session_threads(None, 20_000, options_given=True), session_threads(4, 20_000, options_given=True)
+        (0, 4)
     """
     if threads is not None:
         return threads
-    return 1 if is_small_model(total_values) else 0
+    return 1 if is_small_model(total_values) and not options_given else 0
+
+
+def set_threads(options: Any, threads: int) -> Any:
+    """Give an ``onnxruntime.SessionOptions`` ``threads`` intra-op threads (and one inter-op
+    thread); 0 leaves onnxruntime's default. Returns ``options``.
+
+    Example:
+        >>> from bitfit.sdk.runtime import ort
+        >>> set_threads(ort.SessionOptions(), 3).intra_op_num_threads
+        3
+    """
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
 
 
 def check_providers(providers: Any) -> Any:

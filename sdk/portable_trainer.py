@@ -30,7 +30,7 @@ from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidUserDataError, ProviderUnavailableError,
     ResourceExhaustedError,
 )
-from .options import session_threads
+from .options import session_threads, set_threads
 from .runtime import cuda_available, is_out_of_memory, ort, resolve_providers
 from .training_checks import check_training_feeds, checked_learning_rate, checked_trainable_values, label_classes
 
@@ -107,12 +107,8 @@ class PortableTrainingSession:
         self.bundle = bundle
         self.providers = _providers(device, providers)
         options = session_options if session_options is not None else default_session_options()
-        # The SDK's thread choice (session_threads) fills in only what the caller left open:
-        # given session_options are used as they are unless threads is given too.
-        intra_op = session_threads(threads, manifest.total_values) if session_options is None or threads else 0
-        if intra_op:
-            options.intra_op_num_threads = intra_op
-            options.inter_op_num_threads = 1
+        # Given session_options keep their threads unless threads is given too.
+        set_threads(options, session_threads(threads, manifest.total_values, options_given=session_options is not None))
         self._gradient = self._load(GRADIENT_MODEL, options)
         self._eval = self._load(EVAL_MODEL, options)
         self._optimizer = self._load(OPTIMIZER_MODEL, options)

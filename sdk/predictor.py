@@ -32,6 +32,7 @@ from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError
 from .options import (
     DEFAULT_PROVIDERS, DEFAULT_VERIFY, Providers, Verify, check_choice, check_providers, check_threads, open_store,
+    set_threads,
 )
 from .population import check_population_name, load_population
 from .population import offsets as population_offsets
@@ -145,9 +146,7 @@ class Predictor:
             raise InvalidArgumentError("population= needs a store to load it from; store=False has none")
         options = ort.SessionOptions()
         options.graph_optimization_level = _LEVELS[graph_optimization]
-        if threads:  # None: onnxruntime's default (a long-lived session: its thread pool starts once)
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        set_threads(options, threads or 0)  # None: onnxruntime's default (a long-lived session: its pool starts once)
         self.providers = resolve_providers(providers, strict=strict_providers)
         self.session = ort.InferenceSession(str(self.bundle.file("inference_model")), options, providers=self.providers)
         overridable = {i.name for i in self.session.get_overridable_initializers()}

@@ -34,7 +34,7 @@ from .errors import (
     BackendUnavailableError, BitfitError, BundleInvalidError, InvalidArgumentError, ProviderUnavailableError,
     ResourceExhaustedError,
 )
-from .options import session_threads
+from .options import session_threads, set_threads
 from .portable_trainer import Device, PortableTrainingSession
 from .training_checks import check_training_feeds, checked_learning_rate, checked_trainable_values, label_classes
 from .runtime import cuda_available, has_training_api, is_out_of_memory, ort
@@ -161,12 +161,8 @@ class OrtTrainingSession:
         manifest = bundle.manifest
         # Caller's options (e.g. enable_profiling for a profile of the train step) or defaults.
         options = session_options if session_options is not None else ort.SessionOptions()
-        # The SDK's thread choice (session_threads) fills in only what the caller left open:
-        # given session_options are used as they are unless threads is given too.
-        intra_op = session_threads(threads, manifest.total_values) if session_options is None or threads else 0
-        if intra_op:
-            options.intra_op_num_threads = intra_op
-            options.inter_op_num_threads = 1
+        # Given session_options keep their threads unless threads is given too.
+        set_threads(options, session_threads(threads, manifest.total_values, options_given=session_options is not None))
         try:
             self.state = training_api.CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
             self.module = training_api.Module(
