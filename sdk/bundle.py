@@ -606,8 +606,7 @@ class Bundle:
             []
         """
         unlisted = [f"the manifest lists no {key}" for key in keys if key not in self.manifest.files]
-        return unlisted + self.path_problems([_inside(self.path, self.manifest.files[k].path) for k in keys
-                                              if k in self.manifest.files])
+        return unlisted + self.path_problems([self.file(k) for k in keys if k in self.manifest.files])
 
     def path_problems(self, paths: list[Path]) -> list[str]:
         """What is wrong with these files: missing, or (for a file the manifest lists) its size or sha256.
@@ -618,7 +617,8 @@ class Bundle:
         """
         # Resolved on both sides: a bundle opened by a relative path or through a link still
         # finds each file's manifest entry.
-        listed = {_inside(self.path, entry.path): entry for entry in self.manifest.files.values()} if self.manifest else {}
+        listed = ({_inside(self.path, entry.path, self.resolved_root): entry for entry in self.manifest.files.values()}
+                  if self.manifest else {})
         problems = []
         for path in paths:
             entry = listed.get(path.resolve())
