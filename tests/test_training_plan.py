@@ -257,17 +257,36 @@ def test_training_that_only_hurts_saves_nothing_and_retries_once(trained, tmp_pa
     assert any("nothing was saved" in r.getMessage() for r in caplog.records)
 
 
-def test_the_retry_restarts_the_same_training_session(trained, monkeypatch):
+@pytest.fixture
+def sessions_built(monkeypatch) -> list[int]:
+    """One entry per training session personalize builds (a kept one restarted adds none)."""
+    built: list[int] = []
+    real_open = personalizer_module.open_training_session
+    monkeypatch.setattr(personalizer_module, "open_training_session", lambda *a, **k: built.append(1) or real_open(*a, **k))
+    return built
+
+
+def assert_deltas_as_trained_alone(bundle, tmp_path, p, seeds) -> list:
+    """Each user u<s> of ``p`` has the delta a Personalizer of its own trains on habit_data(60,
+    seed=s); returns those Personalizers' results."""
+    results = []
+    for s in seeds:
+        alone = Personalizer(bundle, store=tmp_path / f"alone{s}")
+        results.append(alone.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET))
+        for name, value in alone.store.load(f"u{s}").tensors.items():
+            np.testing.assert_array_equal(p.store.load(f"u{s}").tensors[name], value, err_msg=f"u{s} {name}")
+    return results
+
+
+def test_the_retry_restarts_the_same_training_session(trained, sessions_built, monkeypatch):
     """The retry does not rebuild the onnxruntime sessions: at most one built per personalize
     (none when the Personalizer kept one), the retry restarts that same session, and it starts
     from the user's delta again (not from where the harmful run ended)."""
-    import bitfit.sdk.personalizer as personalizer
     from bitfit.sdk.portable_trainer import PortableTrainingSession
 
     p, data = trained
-    opened, restarts = [], []
-    real_open, real_restart = personalizer.open_training_session, PortableTrainingSession.restart
-    monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    opened, restarts = sessions_built, []
+    real_restart = PortableTrainingSession.restart
     monkeypatch.setattr(PortableTrainingSession, "restart",
                         lambda self, **kw: (restarts.append((id(self), kw)), real_restart(self, **kw))[1])
     monkeypatch.setitem(p.bundle.manifest.training_defaults, "learning_rate", HARMFUL_RATE)
@@ -282,21 +301,12 @@ def test_the_retry_restarts_the_same_training_session(trained, monkeypatch):
 
 
 def test_a_small_models_session_is_kept_for_the_next_user_and_trains_like_a_new_one(numeric_bundle, tmp_path,
-                                                                                    monkeypatch):
-    import bitfit.sdk.personalizer as personalizer
-
-    opened = []
-    real_open = personalizer.open_training_session
-    monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+                                                                                    sessions_built):
     reused = Personalizer(numeric_bundle, store=tmp_path / "reused")
     first = [reused.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET) for s in range(3)]
-    assert len(opened) == 1  # built once, restarted for the next two users
-    for s in range(3):  # each user's delta is what a Personalizer of its own trains
-        alone = Personalizer(numeric_bundle, store=tmp_path / f"alone{s}")
-        result = alone.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
-        assert result.steps == first[s].steps and result.retried == first[s].retried
-        for name, value in alone.store.load(f"u{s}").tensors.items():
-            np.testing.assert_array_equal(reused.store.load(f"u{s}").tensors[name], value, err_msg=f"u{s} {name}")
+    assert len(sessions_built) == 1  # built once, restarted for the next two users
+    alone = assert_deltas_as_trained_alone(numeric_bundle, tmp_path, reused, range(3))
+    assert [(r.steps, r.retried) for r in first] == [(r.steps, r.retried) for r in alone]
 
 
 @pytest.mark.parametrize("total_values, keep, builds", [
@@ -305,18 +315,13 @@ def test_a_small_models_session_is_kept_for_the_next_user_and_trains_like_a_new_
     (20_000, False, 2),      # refused even for a small model
     (20_000, None, 1),
 ])
-def test_which_sessions_are_kept(numeric_bundle, tmp_path, monkeypatch, total_values, keep, builds):
-    import bitfit.sdk.personalizer as personalizer
-
-    opened = []
-    real_open = personalizer.open_training_session
-    monkeypatch.setattr(personalizer, "open_training_session", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+def test_which_sessions_are_kept(numeric_bundle, tmp_path, sessions_built, total_values, keep, builds):
     bundle = Bundle.open(numeric_bundle)
     bundle.manifest.policy["total_values"] = total_values
     p = Personalizer(bundle, store=tmp_path / "s", keep_training_session=keep)
     for s in range(2):
         p.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
-    assert len(opened) == builds
+    assert len(sessions_built) == builds
 
 
 @pytest.mark.parametrize("keep", ["yes", 1, 0])
@@ -349,11 +354,7 @@ def test_concurrent_calls_never_share_a_session(numeric_bundle, tmp_path):
     for w in workers:
         w.join()
     assert sorted(met) == ["u0", "u1"]  # the two runs did overlap
-    for s in range(2):
-        alone = Personalizer(numeric_bundle, store=tmp_path / f"alone{s}")
-        alone.personalize(habit_data(60, seed=s), user=f"u{s}", seed=s, **QUIET)
-        for name, value in alone.store.load(f"u{s}").tensors.items():
-            np.testing.assert_array_equal(p.store.load(f"u{s}").tensors[name], value, err_msg=f"u{s} {name}")
+    assert_deltas_as_trained_alone(numeric_bundle, tmp_path, p, range(2))
 
 
 def test_no_retry_when_the_caller_gave_the_learning_rate(trained, tmp_path):
