@@ -77,8 +77,11 @@ class FileFacts(Generic[Value]):
         self._known: OrderedDict[_Identity, Value] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: str | os.PathLike) -> Value:
+    def get(self, path: str | os.PathLike, *, resolved: bool = False) -> Value:
         """``compute(path)``, or what it returned before for this unchanged file.
+
+        ``resolved=True``: the caller already resolved ``path`` (links followed, absolute), so
+        it is not resolved again (the bundle checks resolve each file once).
 
         Raises:
             OSError: the file cannot be stat'ed; whatever ``compute`` raises.
@@ -89,7 +92,7 @@ class FileFacts(Generic[Value]):
             ...
             FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent'
         """
-        path = Path(path).resolve()
+        path = Path(path) if resolved else Path(path).resolve()
         before, st = _identity(path)
         with self._lock:
             if before in self._known:

@@ -310,15 +310,67 @@ def test_every_onnx_file_of_a_bundle_is_walked(numeric_bundle, tmp_path):
 
 
 def test_random_bytes_as_an_onnx_file_are_refused(numeric_bundle, tmp_path):
+    """Garbage in place of a model (re-hashed into the manifest) never trains: refused by the
+    open's walk when it could name external data (it holds the bytes ``location``), else by
+    the session that loads it, with the bundle named as the cause."""
+    from bitfit.sdk.trainer import open_training_session
+
     bundle_dir = rf.copy_bundle(numeric_bundle, tmp_path / "b")
     rng = random.Random(5)
     outcomes = []
-    for _ in range(20):
-        (bundle_dir / "optimizer_model.onnx").write_bytes(bytes(rng.randrange(256) for _ in range(300)))
+    for i in range(20):
+        garbage = bytes(rng.randrange(256) for _ in range(300))
+        if i % 2:  # the walker's path: bytes that could hold an external-data location
+            garbage = garbage[:150] + b"location" + garbage[150:]
+        (bundle_dir / "portable_optimizer.onnx").write_bytes(garbage)
         rf.rewrite_manifest(bundle_dir, lambda raw: None)
         try:
-            Bundle.open(bundle_dir)  # the walker may skip unknown fields; ORT refuses the model later
-            outcomes.append("opened")
+            bundle = Bundle.open(bundle_dir)
         except BundleInvalidError:
-            outcomes.append("refused")
-    assert "refused" in outcomes
+            outcomes.append("refused at open")
+            continue
+        with pytest.raises(BundleInvalidError, match="portable_optimizer"):
+            open_training_session(bundle, backend="portable")
+        outcomes.append("refused by the session")
+    assert "refused at open" in outcomes and "refused by the session" in outcomes
+
+
+def test_a_model_without_the_location_key_is_not_walked(numeric_bundle, tmp_path, monkeypatch):
+    """The fast path is only taken where no external data can be named: a file without the
+    bytes ``location`` is not walked; one with a location still is (and an escape refused)."""
+    import bitfit.sdk.onnx_refs as onnx_refs
+    from bitfit.sdk.bundle import forget_checked_files
+
+    walked = []
+    real = onnx_refs.external_data_refs
+    monkeypatch.setattr(onnx_refs, "external_data_refs", lambda data: walked.append(len(data)) or real(data))
+    bundle_dir = rf.copy_bundle(numeric_bundle, tmp_path / "b")
+    forget_checked_files()
+    Bundle.open(bundle_dir)
+    onnx_files = sorted(p for p in bundle_dir.iterdir() if p.suffix == ".onnx")
+    with_key = [p for p in onnx_files if b"location" in p.read_bytes()]
+    assert 0 < len(with_key) < len(onnx_files)  # the numeric bundle has both kinds
+    assert sorted(walked) == sorted(p.stat().st_size for p in with_key)
+    _point_external_data(bundle_dir, "../outside.bin", only_first=True)
+    with pytest.raises(BundleInvalidError, match="reads external data from"):
+        Bundle.open(bundle_dir)
+
+
+def test_a_file_path_is_the_fully_resolved_one_with_or_without_links(tmp_path):
+    """Bundle paths skip resolving the root's components again, and give what a full resolve
+    gives: for plain files, links inside, a linked folder, a missing file and a linked root."""
+    from bitfit.sdk.bundle import _inside
+
+    real = tmp_path / "deep" / "er" / "bundle"
+    (real / "sub").mkdir(parents=True)
+    (real / "plain.onnx").write_bytes(b"x")
+    (real / "sub" / "inner.bin").write_bytes(b"y")
+    (real / "link.bin").symlink_to(real / "sub" / "inner.bin")
+    (real / "linked").symlink_to(real / "sub", target_is_directory=True)
+    (tmp_path / "root-link").symlink_to(real, target_is_directory=True)
+    for root in (real, tmp_path / "root-link"):
+        for relative in ("plain.onnx", "sub/inner.bin", "link.bin", "linked/inner.bin", "missing.onnx", "sub/missing"):
+            assert _inside(root, relative, root.resolve()) == (root / relative).resolve(), (root, relative)
+    (real / "escape.bin").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(BundleInvalidError, match="outside the bundle"):
+        _inside(real, "escape.bin", real.resolve())
