@@ -33,6 +33,7 @@ from .errors import (
 from .options import session_threads, set_threads
 from .runtime import cuda_available, is_out_of_memory, ort, resolve_providers
 from .training_checks import check_training_feeds, checked_learning_rate, checked_trainable_values, label_classes
+from .training_plan import is_small_model
 
 Device = Literal["cpu", "cuda"]
 
@@ -106,7 +107,7 @@ class PortableTrainingSession:
             )
         self.bundle = bundle
         self.providers = _providers(device, providers)
-        options = session_options if session_options is not None else default_session_options()
+        options = session_options if session_options is not None else default_session_options(manifest.total_values)
         # Given session_options keep their threads unless threads is given too.
         set_threads(options, session_threads(threads, manifest.total_values, options_given=session_options is not None))
         self._gradient = self._load(GRADIENT_MODEL, options)
@@ -360,8 +361,9 @@ def _providers(device: str, providers: str | Sequence[Any] | None) -> list[Any]:
     return resolve_providers(device)
 
 
-def default_session_options() -> "ort.SessionOptions":
-    """Session options for the portable models when the caller gives none.
+def default_session_options(total_values: int | None = None) -> "ort.SessionOptions":
+    """Session options for the portable models of a model with ``total_values`` values when
+    the caller gives none.
 
     Why no memory pattern: onnxruntime plans one block for every intermediate of a run from
     the shapes it has seen; for a gradient graph (forward activations kept alive for the
@@ -369,12 +371,25 @@ def default_session_options() -> "ort.SessionOptions":
     16x64 on onnxruntime 1.32.0: peak RSS 663 MB with the pattern, 443 MB without it, step
     time unchanged within noise (``benchmarks.memory``).
 
+    Why no graph optimizations for a small model (``training_plan.is_small_model``): building
+    the three sessions is most of what opening them costs, and optimizing graphs of a few
+    small ops gains the steps nothing. ``tools/thread_study.py --repeats 15`` (onnxruntime
+    1.19.2, 2 cores, one thread, open + 30 steps of 16 + close, fastest run), off vs on: MLPs
+    of 17 k values 8.7 vs 9.0 ms (the smallest alone, twice: 6.3 vs 7.6 and 6.5 vs 7.8 ms),
+    131 k 8.9 vs 10.7 ms, 1 M 22.1 vs 23.1 ms; the steps themselves take the same time, the
+    sessions build ~1.4 ms faster. Larger models keep onnxruntime's optimizations: MiniLM's
+    sessions built no faster at lower levels (docs/personalize.md).
+
     Example:
         >>> default_session_options().enable_mem_pattern
         False
+        >>> default_session_options(17_000).graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        True
     """
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    if is_small_model(total_values):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
 
 

@@ -258,3 +258,29 @@ def test_given_session_options_keep_their_threads_unless_threads_is_given(numeri
     options = ort.SessionOptions()
     session = open_training_session(bundle, backend="portable", session_options=options, threads=3)
     assert session._gradient.get_session_options().intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize("total_values, optimized", [
+    (20_000, False),        # a small model trains without graph optimizations
+    (22_600_000, True),     # MiniLM keeps onnxruntime's
+    (None, True),           # the size unknown: pretrained-size
+])
+def test_graph_optimizations_for_training_and_inference(numeric_bundle, monkeypatch, total_values, optimized):
+    from bitfit.sdk.runtime import ort
+    from bitfit.sdk.trainer import open_training_session
+
+    bundle = Bundle.open(numeric_bundle)
+    if total_values is None:
+        monkeypatch.delitem(bundle.manifest.policy, "total_values")
+    else:
+        monkeypatch.setitem(bundle.manifest.policy, "total_values", total_values)
+    session = open_training_session(bundle, backend="portable")
+    levels = {s.get_session_options().graph_optimization_level for s in (session._gradient, session._eval, session._optimizer)}
+    assert levels == {ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    # Inference always keeps onnxruntime's optimizations; given options are used as given.
+    predictor = Predictor(bundle, store=False)
+    assert predictor.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    given = ort.SessionOptions()
+    given.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = open_training_session(bundle, backend="portable", session_options=given)
+    assert session._gradient.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -1,6 +1,8 @@
 """Why a small model trains on one onnxruntime thread (``bitfit.sdk.options.session_threads``)
-and why inference keeps onnxruntime's default: on one intra-op thread and on onnxruntime's
-default (one per core), alternately in one process, the fastest of ``--repeats`` runs of
+without graph optimizations (``bitfit.sdk.portable_trainer.default_session_options``), and why
+inference keeps onnxruntime's defaults: on one intra-op thread without and with graph
+optimizations, and on onnxruntime's default threads (one per core) with them, alternately in
+one process, the fastest of ``--repeats`` runs of
 
 - training: open a portable training session, run 30 steps of 16 rows, close it (what one
   ``personalize`` costs a session);
@@ -38,17 +40,24 @@ STEPS, TRAIN_ROWS, PREDICT_ROWS, TOKENS = 30, 16, 64, 64
 
 def _fastest(bundle: Any, train: tuple[dict, np.ndarray], predict: Any, repeats: int) -> dict[str, float]:
     from bitfit.sdk import Predictor
+    from bitfit.sdk.runtime import ort
     from bitfit.sdk.trainer import open_training_session
 
     best: dict[str, float] = {}
     for _ in range(repeats):
-        for name, threads in (("1", 1), ("default", 0)):
+        for name, threads, optimized in (("1 unoptimized", 1, False), ("1", 1, True), ("default", 0, True)):
+            options = ort.SessionOptions()
+            options.enable_mem_pattern = False  # as the SDK's default options
+            if not optimized:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             started = time.perf_counter()
-            session = open_training_session(bundle, threads=threads, learning_rate=1e-3)
+            session = open_training_session(bundle, threads=threads, learning_rate=1e-3, session_options=options)
             for _ in range(STEPS):
                 session.train_step(*train)
             del session
             best[f"train {name}"] = min(best.get(f"train {name}", float("inf")), time.perf_counter() - started)
+            if threads == 1 and not optimized:
+                continue  # inference is measured with onnxruntime's optimizations only
             predictor = Predictor(bundle, store=False, threads=threads)
             predictor.predict(predict)  # the first run allocates
             started = time.perf_counter()
@@ -104,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"onnxruntime {ort.__version__}; training: open + {STEPS} steps of {TRAIN_ROWS} + close; "
           f"inference: predict on {PREDICT_ROWS} rows; fastest of {args.repeats}")
-    print("| model | values | train, 1 thread | train, default | predict, 1 thread | predict, default |\n|---|---|---|---|---|---|")
+    print("| model | values | train, 1 thread, no graph optimizations | train, 1 thread | train, default | "
+          "predict, 1 thread | predict, default |\n|---|---|---|---|---|---|---|")
     rows = [(f"MLP {f}-{h}-2", lambda f=f, h=h: measure_mlp(f, h, args.repeats)) for f, h in SIZES]
     rows.append((f"tiny BERT, {TOKENS} tokens", lambda: measure_text(args.repeats)))
     for name, run in rows:
         r = run()
         print(f"| {name} | {int(r['values']):,} | " + " | ".join(
-            f"{r[k] * 1e3:.1f} ms" for k in ("train 1", "train default", "predict 1", "predict default")) + " |", flush=True)
+            f"{r[k] * 1e3:.1f} ms" for k in ("train 1 unoptimized", "train 1", "train default", "predict 1", "predict default")) + " |", flush=True)
     return 0
 
 
