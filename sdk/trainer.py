@@ -146,8 +146,6 @@ class OrtTrainingSession:
         reason = _ort_training_unavailable(bundle)
         if reason:
             raise BackendUnavailableError(f"the 'ort-training' backend cannot run here: {reason}")
-        from .ort_training import training_api  # here: plain onnxruntime has no training API
-
         device = _device_for_providers(device, providers)
         if device not in ("cpu", "cuda"):
             raise ProviderUnavailableError(f"unknown training device {device!r}: use 'cpu' or 'cuda'")
@@ -157,53 +155,69 @@ class OrtTrainingSession:
                 "use device='cpu' or install the CUDA build of onnxruntime-training"
             )
         self.bundle = bundle
-        self._open_args = {"device": device, "threads": threads, "session_options": session_options, "providers": providers}
         manifest = bundle.manifest
         # Caller's options (e.g. enable_profiling for a profile of the train step) or defaults.
         options = session_options if session_options is not None else ort.SessionOptions()
         # Given session_options keep their threads unless threads is given too.
         set_threads(options, session_threads(threads, manifest.total_values, options_given=session_options is not None))
+        self._device, self._options = device, options
+        order = manifest.source.get("parameter_order")
+        if not order:
+            raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
+        self._order = list(order)
+        self.trainable = [t.name for t in manifest.trainable]
+        self._manifest_shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
+        self._load(start=self._checked_start(start), learning_rate=learning_rate)
+        self.input_names = list(self.module.input_names())
+        specs = _recorded_input_specs(manifest)
+        self._input_specs = {name: specs.get(name, (None, None)) for name in self.input_names}
+        self._classes = label_classes(manifest)
+
+    def _checked_start(self, start: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        # Checked before loading: a mis-sized start value would otherwise surface as "the weights
+        # file does not match" (the bundle blamed for the caller's array), an unknown name be ignored.
+        return checked_trainable_values(start or {}, self._manifest_shapes)
+
+    def _load(self, *, start: dict[str, np.ndarray], learning_rate: float | None) -> None:
+        """Load the checkpoint state, the module and the optimizer, the parameters from the
+        base weights with ``start`` (already checked) over them."""
+        from .ort_training import training_api  # here: plain onnxruntime has no training API
+
+        bundle = self.bundle
         try:
             self.state = training_api.CheckpointState.load_checkpoint(str(bundle.file("checkpoint")))
             self.module = training_api.Module(
                 str(bundle.file("training_model")), self.state, str(bundle.file("eval_model")),
-                device=device, session_options=options,
+                device=self._device, session_options=self._options,
             )
         except BundleInvalidError:
             raise
         except Exception as err:  # ORT raises RuntimeError / Fail / InvalidGraph
-            raise _load_error(bundle, device, "training artifacts", err) from err
-        order = manifest.source.get("parameter_order")
-        if not order:
-            raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
-        # Checked first: a mis-sized start value would otherwise surface as "the weights file does
-        # not match" (the bundle blamed for the caller's array), an unknown name be ignored.
-        checked = checked_trainable_values(start or {}, {t.name: tuple(t.shape) for t in manifest.trainable})
-        self._fill_parameters(order, checked)
+            raise _load_error(bundle, self._device, "training artifacts", err) from err
+        self._fill_parameters(self._order, start)
         # The optimizer must be created after the parameters hold data: built on a nominal
         # (shapes-only) state, its set_learning_rate segfaults in ORT 1.19.2.
         try:
             self.optimizer = training_api.Optimizer(str(bundle.file("optimizer_model")), self.module)
         except Exception as err:
-            raise _load_error(bundle, device, "optimizer model", err) from err
-        self.trainable = [t.name for t in manifest.trainable]
+            raise _load_error(bundle, self._device, "optimizer model", err) from err
         self._shapes = {name: tuple(self.state.parameters[name].data.shape) for name in self.trainable}
-        self.input_names = list(self.module.input_names())
-        specs = _recorded_input_specs(manifest)
-        self._input_specs = {name: specs.get(name, (None, None)) for name in self.input_names}
-        self._classes = label_classes(manifest)
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
 
     def restart(self, *, start: Mapping[str, np.ndarray] | None = None, learning_rate: float | None = None) -> None:
         """Start over as a new session would (values from the base + ``start``, fresh AdamW
         moments, ``learning_rate``): the training API keeps the moments in its checkpoint
-        state, which cannot be reset, so this loads the artifacts again.
+        state, which cannot be reset, so this loads the artifacts again. The arguments are
+        checked first: a refused one leaves the session as it was.
 
         Example:
             >>> session.restart(start=None, learning_rate=2e-3)                     # doctest: +SKIP
         """
-        self.__init__(self.bundle, start=start, learning_rate=learning_rate, **self._open_args)  # type: ignore[misc]
+        checked = self._checked_start(start)
+        if learning_rate is not None:
+            checked_learning_rate(learning_rate)
+        self._load(start=checked, learning_rate=learning_rate)
 
     def _fill_parameters(self, order: list[str], start: dict[str, np.ndarray]) -> None:
         """Copy every parameter into the nominal state through one preallocated buffer.

@@ -631,6 +631,16 @@ def test_both_backends_restart_like_a_new_session(numeric_bundle: Path) -> None:
         assert used.train_step(*batch) == pytest.approx(fresh.train_step(*batch), rel=1e-6), backend
         for name, value in fresh.trainable_values().items():
             np.testing.assert_allclose(used.trainable_values()[name], value, rtol=0, atol=1e-7, err_msg=f"{backend} {name}")
+        # A refused argument leaves the session as it was: same values, and it trains on like `fresh`.
+        before = used.trainable_values()
+        wrong = {name: np.zeros(value.size + 1, np.float32) for name, value in list(start.items())[:1]}
+        for bad in ({"learning_rate": -1.0}, {"start": wrong}):
+            with pytest.raises(InvalidArgumentError):
+                used.restart(**bad)
+        for name, value in before.items():
+            np.testing.assert_array_equal(used.trainable_values()[name], value, err_msg=f"{backend} {name}")
+        batch = _random_batch(bundle, rng)
+        assert used.train_step(*batch) == pytest.approx(fresh.train_step(*batch), rel=1e-6), backend
 
 
 @needs_ort_training
