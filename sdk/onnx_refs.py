@@ -31,11 +31,13 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import BundleInvalidError
 
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_LOCATION_KEY = b"location"  # an external_data entry's key, as protobuf stores it
 _MAX_DEPTH = 64  # nested graphs (If/Loop bodies); real models use a handful
 
 # message kind -> {field number: (child kind, name for messages)}
@@ -70,14 +72,22 @@ class ExternalRef:
     where: str
 
 
-def external_data_refs(data: bytes | bytearray | memoryview) -> list[ExternalRef]:
+def external_data_refs(data: bytes | bytearray | memoryview, *, located_only: bool = False) -> list[ExternalRef]:
     """Every tensor of a serialized ``ModelProto`` that keeps its data in another file.
 
     A tensor counts when its ``data_location`` is EXTERNAL or it has ``external_data``
     entries at all; a tensor with several ``location`` entries gives one ref for each.
 
+    ``located_only=True`` finds what can make ONNX Runtime read another file, faster: only
+    tensors with a ``location`` entry. Such an entry's key is stored as the plain bytes
+    ``location``, so a message whose bytes lack them is skipped unparsed (a node, a graph,
+    the whole file); a tensor marked EXTERNAL without a location, which ORT cannot load, is
+    not reported then. ``Bundle.open`` checks this way: MiniLM's inference, gradient and eval
+    models took ~85 ms to walk in full.
+
     Args:
         data: the bytes of an ``.onnx`` file.
+        located_only: only tensors that name a location (see above).
 
     Returns:
         The refs in file order (empty for a model that holds all its data).
@@ -89,9 +99,15 @@ def external_data_refs(data: bytes | bytearray | memoryview) -> list[ExternalRef
         >>> external_data_refs(b"")        # an empty ModelProto is valid and reads nothing
         []
     """
-    view = memoryview(bytes(data) if not isinstance(data, (bytes, memoryview)) else data).cast("B")
     out: list[ExternalRef] = []
-    _walk(view, 0, len(view), "model", "model", 0, out)
+    if not located_only:
+        view = memoryview(bytes(data) if not isinstance(data, (bytes, memoryview)) else data).cast("B")
+        _walk(view, 0, len(view), "model", "model", 0, out)
+        return out
+    raw = data if isinstance(data, bytes) else bytes(data)  # bytes.find runs at C speed over a span
+    if _LOCATION_KEY in raw:
+        _walk(memoryview(raw).cast("B"), 0, len(raw), "model", "model", 0, out,
+              lambda start, end: raw.find(_LOCATION_KEY, start, end) >= 0)
     return out
 
 
@@ -170,7 +186,10 @@ def _text(buf: memoryview, span: tuple[int, int], where: str) -> str:
         raise _malformed("a string that is not UTF-8", where, span[0]) from err
 
 
-def _walk(buf: memoryview, start: int, end: int, kind: str, where: str, depth: int, out: list[ExternalRef]) -> None:
+def _walk(buf: memoryview, start: int, end: int, kind: str, where: str, depth: int, out: list[ExternalRef],
+          holds_key: Callable[[int, int], bool] | None = None) -> None:
+    """Walk one message of ``kind``; ``holds_key(start, end)`` False skips a child message
+    (``located_only``: its bytes hold no ``location`` key)."""
     if depth > _MAX_DEPTH:
         raise _malformed(f"graphs nested deeper than {_MAX_DEPTH}", where, start)
     if kind == "tensor":
@@ -185,8 +204,10 @@ def _walk(buf: memoryview, start: int, end: int, kind: str, where: str, depth: i
         if wire != 2:
             raise _malformed(f"field {field} should be a message", where, start)
         index = counts[field] = counts.get(field, -1) + 1
+        if holds_key is not None and not holds_key(value[0], value[1]):
+            continue
         name = child[1] if kind == "model" and field == 7 else f"{child[1]}[{index}]"
-        _walk(buf, value[0], value[1], child[0], name if kind == "model" else f"{where}.{name}", depth + 1, out)
+        _walk(buf, value[0], value[1], child[0], name if kind == "model" else f"{where}.{name}", depth + 1, out, holds_key)
 
 
 def _tensor(buf: memoryview, start: int, end: int, where: str, out: list[ExternalRef]) -> None:

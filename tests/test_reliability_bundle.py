@@ -335,27 +335,35 @@ def test_random_bytes_as_an_onnx_file_are_refused(numeric_bundle, tmp_path):
     assert "refused at open" in outcomes and "refused by the session" in outcomes
 
 
-def test_a_model_without_the_location_key_is_not_walked(numeric_bundle, tmp_path, monkeypatch):
-    """The fast path is only taken where no external data can be named: a file without the
-    bytes ``location`` is not walked; one with a location still is (and an escape refused)."""
+def test_the_open_walks_only_what_can_name_another_file(numeric_bundle, tmp_path, monkeypatch):
+    """Bundle.open looks for located refs only: a file without the bytes ``location`` is not
+    walked at all, and in one with them no node is parsed (the numeric bundle's locations are
+    all initializers'); an escape is still refused."""
     import bitfit.sdk.onnx_refs as onnx_refs
     from bitfit.sdk.bundle import forget_checked_files
 
-    walked = []
-    real = onnx_refs.external_data_refs
-    monkeypatch.setattr(onnx_refs, "external_data_refs", lambda data: walked.append(len(data)) or real(data))
+    walked: list[str] = []
+    real = onnx_refs._walk
+    monkeypatch.setattr(onnx_refs, "_walk", lambda buf, start, end, kind, *rest: walked.append(kind) or real(buf, start, end, kind, *rest))
     bundle_dir = rf.copy_bundle(numeric_bundle, tmp_path / "b")
     forget_checked_files()
     Bundle.open(bundle_dir)
     onnx_files = sorted(p for p in bundle_dir.iterdir() if p.suffix == ".onnx")
     with_key = [p for p in onnx_files if b"location" in p.read_bytes()]
     assert 0 < len(with_key) < len(onnx_files)  # the numeric bundle has both kinds
-    assert sorted(walked) == sorted(p.stat().st_size for p in with_key)
+    assert walked.count("model") == len(with_key) and "node" not in walked and "tensor" in walked
     _point_external_data(bundle_dir, "../outside.bin", only_first=True)
     with pytest.raises(BundleInvalidError, match="reads external data from"):
         Bundle.open(bundle_dir)
 
 
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["initializer", "attribute", "subgraph", "sparse", "function", "training_info"]),
+                       st.one_of(st.none(), st.text(min_size=0, max_size=40)), max_size=6))
+def test_located_refs_are_every_ref_that_names_a_location(locations):
+    data = _crafted(locations).SerializeToString()
+    every = external_data_refs(data)
+    assert external_data_refs(data, located_only=True) == [r for r in every if r.location is not None]
 def test_a_file_path_is_the_fully_resolved_one_with_or_without_links(tmp_path):
     """Bundle paths skip resolving the root's components again, and give what a full resolve
     gives: for plain files, links inside, a linked folder, a missing file and a linked root."""
