@@ -82,8 +82,8 @@ def external_data_refs(data: bytes | bytearray | memoryview, *, located_only: bo
     tensors with a ``location`` entry. Such an entry's key is stored as the plain bytes
     ``location``, so a message whose bytes lack them is skipped unparsed (a node, a graph,
     the whole file); a tensor marked EXTERNAL without a location, which ORT cannot load, is
-    not reported then. ``Bundle.open`` checks this way: MiniLM's inference, gradient and eval
-    models took ~85 ms to walk in full.
+    not reported then. ``Bundle.open`` checks this way: walking MiniLM's five models in full
+    took ~50 ms, ~11 ms this way (the two ORT training models hold no location at all).
 
     Args:
         data: the bytes of an ``.onnx`` file.

@@ -76,7 +76,8 @@ MIN_LEARNING_RATE = 5e-4
 def is_small_model(total_values: int | None) -> bool:
     """Whether a model of ``total_values`` values is small (under ``SMALL_MODEL_VALUES``); an
     unknown size counts as pretrained-size. Its steps are cheap next to their fixed costs: it
-    trains longer in larger batches, on one thread, without graph optimizations, and a Personalizer keeps its session.
+    trains longer in larger batches, on one thread, without graph optimizations, and a
+    Personalizer keeps its session.
 
     Example:
         >>> is_small_model(20_000), is_small_model(22_600_000), is_small_model(None)
