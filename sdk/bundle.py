@@ -444,11 +444,12 @@ def fingerprint_tensors(tensors: dict[str, np.ndarray]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _inside(root: Path, relative: str, resolved_root: Path | None = None) -> Path:
+def _inside(resolved_root: Path, relative: str) -> Path:
+    """The resolved path of bundle file ``relative`` under the bundle's resolved root; refused
+    unless it is a plain relative path that stays inside."""
     if (not isinstance(relative, str) or not relative or "\0" in relative or os.path.isabs(relative) or "\\" in relative
             or any(p in ("..", "") for p in relative.split("/"))):
         raise BundleInvalidError(f"bundle file path {relative!r} must be a plain relative path inside the bundle")
-    resolved_root = resolved_root or root.resolve()
     if _no_links_below(resolved_root, relative):
         return resolved_root / relative  # already its own resolved path: nothing to follow
     path = (resolved_root / relative).resolve()
@@ -504,14 +505,15 @@ def forget_checked_files() -> None:
     _FILE_EXTERNAL_REFS.forget()
 
 
-def _check_external_data(root: Path, relative: str, listed: set[str], resolved_root: Path | None = None) -> None:
-    """Refuse an ONNX file whose external data is anything but one of the bundle's own files.
+def _check_external_data(path: Path, relative: str, listed: set[str]) -> None:
+    """Refuse an ONNX file (``relative`` in the manifest, resolved to ``path``) whose external
+    data is anything but one of the bundle's own files.
 
     ONNX Runtime opens a tensor's external-data ``location`` relative to the model's folder,
     so ``../x``, an absolute path or ORT's in-memory tag would read outside the bundle.
     """
     folder = relative.rpartition("/")[0]
-    for ref in _FILE_EXTERNAL_REFS.get(_inside(root, relative, resolved_root), resolved=True):
+    for ref in _FILE_EXTERNAL_REFS.get(path, resolved=True):
         location = ref.location
         plain = (isinstance(location, str) and location and "\0" not in location and ":" not in location
                  and "\\" not in location and not os.path.isabs(location)
@@ -581,7 +583,7 @@ class Bundle:
         resolved_root = bundle.resolved_root
         listed = {e.path for e in manifest.files.values()}
         for key, entry in manifest.files.items():
-            file_path = _inside(root, entry.path, resolved_root)
+            file_path = _inside(resolved_root, entry.path)
             try:
                 found = os.stat(file_path)
             except OSError:
@@ -593,7 +595,7 @@ class Bundle:
             if verify == "hashes" and _FILE_SHA256.get(file_path, resolved=True) != entry.sha256:
                 raise BundleInvalidError(f"bundle file {entry.path!r} does not match its sha256 in the manifest: the bundle was altered or damaged; copy it again")
             if entry.path.endswith(".onnx"):
-                _check_external_data(root, entry.path, listed, resolved_root)
+                _check_external_data(file_path, entry.path, listed)
         return bundle
 
     def file(self, key: str) -> Path:
@@ -605,7 +607,7 @@ class Bundle:
         """
         if key not in self.manifest.files:
             raise BundleInvalidError(f"this bundle has no {key!r} file; re-export it with the option that writes one")
-        return _inside(self.path, self.manifest.files[key].path, self.resolved_root)
+        return _inside(self.resolved_root, self.manifest.files[key].path)
 
     def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """The base model's tensors (all, or only ``names``) as float arrays, from ``weights``.
@@ -646,7 +648,7 @@ class Bundle:
         """
         # Resolved on both sides: a bundle opened by a relative path or through a link still
         # finds each file's manifest entry.
-        listed = ({_inside(self.path, entry.path, self.resolved_root): entry for entry in self.manifest.files.values()}
+        listed = ({_inside(self.resolved_root, entry.path): entry for entry in self.manifest.files.values()}
                   if self.manifest else {})
         problems = []
         for path in paths:
