@@ -166,7 +166,9 @@ class OrtTrainingSession:
             raise BundleInvalidError("manifest has no source.parameter_order; re-export the bundle with this bitfit")
         self._order = list(order)
         self.trainable = [t.name for t in manifest.trainable]
-        self._manifest_shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
+        # The manifest's shapes: a start and set values are checked against them, and each load
+        # checks that the checkpoint holds the same tensors (_check_checkpoint).
+        self._shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
         self._load(start=self._checked_start(start), learning_rate=learning_rate)
         self.input_names = list(self.module.input_names())
         specs = _recorded_input_specs(manifest)
@@ -176,7 +178,7 @@ class OrtTrainingSession:
     def _checked_start(self, start: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         # Checked before loading: a mis-sized start value would otherwise surface as "the weights
         # file does not match" (the bundle blamed for the caller's array), an unknown name be ignored.
-        return checked_trainable_values(start or {}, self._manifest_shapes)
+        return checked_trainable_values(start or {}, self._shapes)
 
     def _load(self, *, start: dict[str, np.ndarray], learning_rate: float | None) -> None:
         """Load the checkpoint state, the module and the optimizer, the parameters from the
@@ -201,7 +203,7 @@ class OrtTrainingSession:
             self.optimizer = training_api.Optimizer(str(bundle.file("optimizer_model")), self.module)
         except Exception as err:
             raise _load_error(bundle, self._device, "optimizer model", err) from err
-        self._shapes = {name: tuple(self.state.parameters[name].data.shape) for name in self.trainable}
+        _check_checkpoint(self.state, self._shapes)
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
 
@@ -348,6 +350,23 @@ class OrtTrainingSession:
             (16, 4)
         """
         return {name: np.array(self.state.parameters[name].data) for name in names}
+
+
+def _check_checkpoint(state: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose trainable tensors are not the manifest's (names and shapes):
+    values checked against the manifest are written into it, so the two must agree."""
+    problems = []
+    for name, shape in shapes.items():
+        try:
+            held = tuple(state.parameters[name].data.shape)
+        except Exception:  # the training API raises RuntimeError for a name it does not hold
+            problems.append(f"{name!r} is missing")
+            continue
+        if held != tuple(shape):
+            problems.append(f"{name!r} is {list(held)}, the manifest says {list(shape)}")
+    if problems:
+        raise BundleInvalidError(f"the bundle's checkpoint does not hold the manifest's trainable tensors "
+                                 f"({'; '.join(problems[:3])}); re-export the bundle")
 
 
 def _load_error(bundle: Bundle, device: str, what: str, err: Exception) -> BitfitError:

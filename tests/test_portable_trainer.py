@@ -10,6 +10,7 @@ exported bundles is in the second half.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -908,3 +909,18 @@ def test_out_of_memory_in_a_step_is_resource_exhausted(numeric_bundle, monkeypat
 
     with pytest.raises(ResourceExhaustedError, match="out of memory"):
         session._run(FakeSession(), ["loss"], {})
+
+
+@needs_ort_training
+@pytest.mark.parametrize("change, match", [
+    (lambda t: dataclasses.replace(t, name=t.name + "_renamed"), r"'[^']+_renamed' is missing"),
+    (lambda t: dataclasses.replace(t, shape=[t.size, 1], inference_shape=[t.size, 1]), r"'[^']+' is \[\d+\], the manifest says \[\d+, 1\]"),
+])
+def test_ort_training_refuses_a_checkpoint_that_is_not_the_manifests(numeric_bundle: Path, change, match) -> None:
+    """The ORT backend checks starts against the manifest's shapes and writes values into the
+    checkpoint: a checkpoint holding other tensors is refused when it loads, naming the tensor,
+    instead of a KeyError or a value of the wrong shape reaching onnxruntime."""
+    bundle = Bundle.open(numeric_bundle)
+    bundle.manifest.trainable = [change(bundle.manifest.trainable[0]), *bundle.manifest.trainable[1:]]
+    with pytest.raises(BundleInvalidError, match=r"checkpoint does not hold the manifest's trainable tensors \(" + match):
+        open_training_session(bundle, backend="ort-training")
