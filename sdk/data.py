@@ -35,6 +35,16 @@ from .errors import BudgetExceededError, InvalidArgumentError, InvalidUserDataEr
 DEFAULT_MAX_EXAMPLES = 100_000
 LENGTH_WINDOW = 8
 """``batches(by_length=True)`` sorts by length within windows of this many batches."""
+SCORING_TOKENS = 512
+"""Padded tokens per batch when scoring (``scoring_batches``). Measured through
+``Personalizer.evaluate``'s path on MiniLM (2 cores, onnxruntime 1.19.2; /tmp study,
+2026-12-02): 300 tweets took 1.70 s in batches of 64 rows in data order, 0.97-0.99 s sorted
+by length with 512 tokens a batch (128: 1.1-1.2 s, 1024: 1.0 s, 16 sorted rows: 0.98-1.0 s);
+200 SMS messages 1.23 s -> 0.45-0.46 s; a 15-message holdout 97 -> 53 ms (one batch
+padded to its longest message before). Through the API, ``evaluate`` on those 300 tweets
+1.65-1.68 -> 0.93-0.99 s, on the 200 SMS 1.20-1.21 -> 0.43-0.48 s, accuracy identical."""
+SCORING_ROWS = 64
+"""At most this many rows in a scoring batch (all of a feature-array batch's rows)."""
 
 
 @dataclass
@@ -643,8 +653,59 @@ def batches(
         order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
                                 for chunk in np.split(order, range(window, len(order), window))]) if len(order) else order
         starts = [starts[i] for i in rng.permutation(len(starts))]
-    for start in starts:
-        index = order[start:start + batch_size]
+    return _padded(examples, encoder, (order[start:start + batch_size] for start in starts), ignore_index)
+
+
+def scoring_batches(
+    examples: Examples, encoder: TextEncoder | None, *, ignore_index: int | None = None,
+    token_budget: int = SCORING_TOKENS, max_rows: int = SCORING_ROWS,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, labels) per batch for scoring (a holdout, ``evaluate``), whose metrics do not
+    depend on the order: text sorted by length, each batch as many rows as fit in
+    ``token_budget`` padded tokens (at most ``max_rows``); feature arrays in ``max_rows``.
+
+    Why: a batch is padded to its longest row, so batches of random rows spend much of their
+    time on padding (``SCORING_TOKENS`` says what it measured).
+
+    Example:
+        >>> ex = Examples(labels=np.arange(5), features={"x": np.zeros((5, 2), np.float32)})
+        >>> [labels.tolist() for _, labels in scoring_batches(ex, None, max_rows=2)]
+        [[0, 1], [2, 3], [4]]
+        >>> text = Examples(labels=np.arange(4), token_ids=[[1] * 9, [1] * 2, [1] * 5, [1] * 3])
+        >>> [len(group) for group in length_groups(text.lengths(), token_budget=10, max_rows=64)]
+        [2, 1, 1]
+    """
+    if examples.token_ids is None:
+        groups: Any = (np.arange(start, min(start + max_rows, len(examples)))
+                                                           for start in range(0, len(examples), max_rows))
+    else:
+        groups = length_groups(examples.lengths(), token_budget=token_budget, max_rows=max_rows)
+    return _padded(examples, encoder, groups, ignore_index)
+
+
+def length_groups(lengths: np.ndarray, *, token_budget: int, max_rows: int) -> list[np.ndarray]:
+    """Row indices sorted by length, cut into groups whose rows x longest length stays within
+    ``token_budget`` (a longer row alone is a group of one) and that hold at most ``max_rows``.
+
+    Example:
+        >>> [g.tolist() for g in length_groups(np.array([9, 2, 5, 3]), token_budget=10, max_rows=64)]
+        [[1, 3], [2], [0]]
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups: list[np.ndarray] = []
+    first = 0
+    for position in range(1, len(order) + 1):
+        if position == len(order) or (position - first + 1) * int(lengths[order[position]]) > token_budget \
+                or position - first >= max_rows:
+            groups.append(order[first:position])
+            first = position
+    return groups
+
+
+def _padded(examples: Examples, encoder: TextEncoder | None, groups: Any, ignore_index: int | None
+            ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, labels) for each group of row indices: feature arrays as they are, text padded to the group's longest."""
+    for index in groups:
         part = examples.subset(index)
         if part.features is not None:
             yield part.features, part.labels

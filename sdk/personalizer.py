@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from .bundle import Bundle
-from .data import DEFAULT_MAX_EXAMPLES, Examples, TextEncoder, batches, load_examples, split_holdout
+from .data import DEFAULT_MAX_EXAMPLES, Examples, TextEncoder, load_examples, scoring_batches, split_holdout
 from .data_checks import data_warnings
 from .delta import Delta, Encoding, check_delta_fits
 from .errors import (
@@ -584,7 +584,7 @@ class Personalizer:
         gives a batch's mean loss and outputs (the eval model, or the predictor)."""
         ignore = self.bundle.manifest.ignore_index
         total, rows, parts = 0.0, 0, []
-        for feeds, labels in batches(examples, self._encoder, 64, None, ignore_index=ignore):
+        for feeds, labels in scoring_batches(examples, self._encoder, ignore_index=ignore):
             loss, outputs = run(feeds, labels)
             weight = _loss_weight(labels, self.bundle.manifest.loss, ignore)
             total += loss * weight

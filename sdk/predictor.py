@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .bundle import Bundle
-from .data import TextEncoder, as_feature_dict, check_feature_arrays, check_text
+from .data import SCORING_TOKENS, TextEncoder, as_feature_dict, check_feature_arrays, check_text, length_groups
 from .delta import Delta, check_delta_fits
 from .errors import BitfitError, DeltaNotFoundError, InvalidArgumentError, InvalidUserDataError
 from .options import (
@@ -96,6 +96,9 @@ class Predictor:
         verify: how the bundle's files are checked on opening: "hashes" (default), "sizes"
             (a fast start: the MiniLM bundle is ~90 MB to hash) or "none". A file already
             hashed by this process and unchanged since is not hashed again (``bitfit.sdk.file_facts``).
+        batch_size: at most this many rows per onnxruntime run in ``predict`` (default 64).
+            Text runs in groups of rows of similar length, each within ``SCORING_TOKENS``
+            (512) padded tokens, and the outputs come back in the inputs' order.
         threads: onnxruntime's intra-op threads: an int, or None / 0 (default): onnxruntime's
             default, one per core (inference batches are large and the session lives long,
             so its thread pool pays off even for a small model).
@@ -378,13 +381,25 @@ class Predictor:
             if u is not None and (not isinstance(u, str) or not u):
                 raise InvalidArgumentError(f"user ids must be non-empty strings or None, got {u!r}")
         fallbacks: dict[str, str] = {}
+        mask_name = self.manifest.text.attention_mask if self.encoder is not None and self.manifest.text else None
+        mask = feeds.get(mask_name) if mask_name else None
+        if mask is not None and mask.ndim == 2:
+            # Text runs in groups of rows of similar length, each padded only to its own longest
+            # row (data.length_groups: SCORING_TOKENS padded tokens, at most batch_size rows),
+            # then the outputs go back to the inputs' order.
+            groups = length_groups(mask.sum(axis=1), token_budget=SCORING_TOKENS, max_rows=self.batch_size)
+        else:
+            groups = [np.arange(start, min(start + self.batch_size, rows)) for start in range(0, rows, self.batch_size)]
         chunks = []
-        for start in range(0, rows, self.batch_size):
-            part = {k: v[start:start + self.batch_size] for k, v in feeds.items()}
-            if self.encoder is not None and self.manifest.text and self.manifest.text.attention_mask:
-                part = _trim_padding(part, self.manifest.text.attention_mask)
-            chunks.append(self.logits(part, users[start:start + self.batch_size], fallbacks))
+        for index in groups:
+            part = {k: v[index] for k, v in feeds.items()}
+            if mask is not None:
+                part = _trim_padding(part, mask_name)
+            chunks.append(self.logits(part, [users[i] for i in index], fallbacks))
         logits = _concat_ragged(chunks)
+        order = np.concatenate(groups)
+        if np.any(order[1:] < order[:-1]):  # back to the inputs' order
+            logits = logits[np.argsort(order, kind="stable")]
         probabilities, labels = self._interpret(logits)
         return Prediction(logits, probabilities, labels, users, fallbacks)
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from bitfit.sdk import Personalizer, Predictor
 from bitfit.sdk.bundle import Bundle, TextSpec
 from bitfit.sdk.data import (
-    TextEncoder, batches, check_text, encode_labels, load_examples, normalize_records, split_holdout,
+    SCORING_TOKENS, TextEncoder, batches, check_text, encode_labels, length_groups, load_examples, normalize_records, scoring_batches,
+    split_holdout,
 )
 from bitfit.sdk.errors import InvalidArgumentError, BundleInvalidError, InvalidUserDataError
 
@@ -175,3 +176,43 @@ def test_files_keep_unicode_line_separators_inside_texts(tmp_path):
     crlf = tmp_path / "crlf.csv"
     crlf.write_bytes(b'text,label\r\n"a\r\nb",pos\r\nc,neg\r\n')
     assert normalize_records(crlf) == [("a\r\nb", "pos"), ("c", "neg")]
+
+
+# -- scoring batches --------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=0, max_size=50), budget=st.integers(1, 120),
+       max_rows=st.integers(1, 9))
+def test_length_groups_take_every_row_once_within_the_budget(lengths, budget, max_rows) -> None:
+    groups = length_groups(np.array(lengths, np.int64), token_budget=budget, max_rows=max_rows)
+    rows = np.concatenate(groups) if groups else np.array([], np.int64)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    assert [lengths[i] for i in rows] == sorted(lengths), "rows go in order of length"
+    for group in groups:
+        assert 1 <= len(group) <= max_rows
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= budget
+
+
+def test_evaluate_scores_in_length_batches_with_the_metrics_of_data_order(text_bundle, tmp_path) -> None:
+    """evaluate (and the holdout) run length-sorted batches of at most SCORING_TOKENS padded
+    tokens; the metrics are those of every example scored in its own order, through predict."""
+    p = Personalizer(text_bundle, store=tmp_path)
+    data = [(f"{text} " + " ".join(["the"] * (i % 9)), label) for i, (text, label) in enumerate(text_data(80, seed=3))]
+    mask_name = p.bundle.manifest.text.attention_mask
+    widths: list[tuple[int, int]] = []
+    logits = p.predictor.logits
+
+    def spy(feeds, users, fallbacks=None):
+        widths.append((feeds[mask_name].shape[0], feeds[mask_name].shape[1]))
+        return logits(feeds, users, fallbacks)
+
+    p.predictor.logits = spy
+    metrics = p.evaluate(data)
+    assert len(widths) > 1, "80 examples of up to ~16 tokens exceed one batch's budget"
+    assert [w for _, w in widths] == sorted(w for _, w in widths), "batches go from the shortest rows up"
+    assert all(rows == 1 or rows * width <= SCORING_TOKENS for rows, width in widths)
+    p.predictor.logits = logits
+    predicted = p.predict([t for t, _ in data]).labels
+    assert metrics["accuracy"] == pytest.approx(np.mean([a == b for a, (_, b) in zip(predicted, data)]))
+    assert metrics["examples"] == len(data)

@@ -90,6 +90,28 @@ def test_batches_larger_than_the_predictor_batch_size(text_bundle, store):
                                atol=1e-5)
 
 
+def test_predict_runs_rows_by_length_and_answers_in_input_order(text_bundle, store):
+    """Rows beyond one run are sorted by length (less padding per run); every output, label
+    and per-row user still lines up with its input."""
+    predictor = Predictor(text_bundle, store, batch_size=2)
+    texts = (TEXTS + PROBES)[::-1]
+    users = ["alice", None, "bob", "bob", None, "alice"] * 2
+    widths = []
+    logits = predictor.logits
+
+    def spy(feeds, chunk_users, fallbacks=None):
+        widths.append(feeds["attention_mask"].shape[1])
+        return logits(feeds, chunk_users, fallbacks)
+
+    predictor.logits = spy
+    batch = predictor.predict(texts, user=users)
+    predictor.logits = logits
+    assert widths == sorted(widths) and widths[0] < widths[-1], "runs go from the shortest rows up"
+    np.testing.assert_allclose(batch.logits, row_by_row(predictor, texts, users), atol=1e-5, rtol=1e-5)
+    assert batch.labels == [predictor.predict([t], user=u).labels[0] for t, u in zip(texts, users)]
+    assert batch.users == users
+
+
 def test_numeric_predict_and_per_row_users(numeric_bundle, tmp_path):
     p = Personalizer(numeric_bundle, store=tmp_path)
     features, labels = numeric_data(30)
