@@ -38,10 +38,10 @@ LENGTH_WINDOW = 8
 SCORING_TOKENS = 512
 """Padded tokens per batch when scoring (``scoring_batches``). Measured through
 ``Personalizer.evaluate``'s path on MiniLM (2 cores, onnxruntime 1.19.2; /tmp study,
-2026-12-02): 300 tweets took 1.70 s in batches of 64 rows in data order, 0.97-0.99 s sorted
-by length with 512 tokens a batch (128: 1.1-1.2 s, 1024: 1.0 s, 16 sorted rows: 0.98-1.0 s);
-200 SMS messages 1.23 s -> 0.45-0.46 s; a 15-message holdout 97 -> 53 ms (one batch
-padded to its longest message before). Through the API, ``evaluate`` on those 300 tweets
+2026-12-02, two rounds): 300 tweets took 1.70-1.72 s in batches of 64 rows in data order,
+0.97-0.99 s sorted by length with 512 tokens a batch (128: 1.12-1.20 s, 1024: 1.01-1.04 s,
+sorted batches of 16 rows: 0.90-1.00 s); 200 SMS messages 1.22-1.24 s -> 0.45-0.46 s; a
+15-message holdout 96-99 -> 53-54 ms (one batch padded to its longest message before). Through the API, ``evaluate`` on those 300 tweets
 1.65-1.68 -> 0.93-0.99 s, on the 200 SMS 1.20-1.21 -> 0.43-0.48 s, accuracy identical."""
 SCORING_ROWS = 64
 """At most this many rows in a scoring batch (all of a feature-array batch's rows)."""
@@ -676,8 +676,7 @@ def scoring_batches(
         [2, 1, 1]
     """
     if examples.token_ids is None:
-        groups: Any = (np.arange(start, min(start + max_rows, len(examples)))
-                                                           for start in range(0, len(examples), max_rows))
+        groups: Any = (np.arange(start, min(start + max_rows, len(examples))) for start in range(0, len(examples), max_rows))
     else:
         groups = length_groups(examples.lengths(), token_budget=token_budget, max_rows=max_rows)
     return _padded(examples, encoder, groups, ignore_index)
