@@ -68,6 +68,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -226,6 +227,32 @@ class Cache:
         os.replace(tmp, self.path)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Any:
+    """torch's intra-op threads set to ``threads`` inside the block (None: left as they are).
+
+    Example:
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    import torch
+
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Session:
     """One suite's base, bundle and per-user data, with the torch runs' cache.
 
@@ -244,6 +271,14 @@ class Session:
         self.encoder = TextEncoder(self.bundle) if self.bundle.manifest.text else None
         self.bias_names = [t.name for t in self.bundle.manifest.trainable]
         self._embedded: dict[str, dict[str, Any]] = {}
+        # PyTorch gets the SDK's thread rule (bitfit.sdk.options.session_threads): one thread for a
+        # model under 1 M values. With torch's default two threads and OMP_WAIT_POLICY=PASSIVE
+        # (set for this run, see main), every small op wakes a sleeping OpenMP thread: the MLP's
+        # whole BitFit run took ~19-20 ms instead of ~9 ms on one thread (/tmp study, 2026-12-02),
+        # which made the SDK look 0.56x-0.67x as fast when it is ~1.2x as slow.
+        from bitfit.sdk.training_plan import is_small_model
+
+        self.torch_threads: int | None = 1 if is_small_model(self.bundle.manifest.total_values) else None
 
     def _examples(self, pairs: list[tuple[str, str]]) -> Any:
         from bitfit.sdk.data import load_examples
@@ -267,7 +302,9 @@ class Session:
         if hit is not None:
             self.cache.reused += 1
             return hit
-        result = self._torch_head(user, lr, seed) if method == "torch-head" else self._torch_train(user, method, lr, seed)
+        with torch_threads(self.torch_threads):
+            result = self._torch_head(user, lr, seed) if method == "torch-head" else self._torch_train(user, method, lr, seed)
+        result["torch_threads"] = self.torch_threads or "default"
         self.cache.computed += 1
         self.log(f"  [{user.key}] {method} lr={lr:g} seed {seed}: accuracy {result['accuracy']:.3f} in {result['seconds']:.1f} s")
         self.cache.put(key, result)
@@ -545,7 +582,9 @@ def render_section(run: QualityRun, *, command: str, plot: str | None = None) ->
              "seconds include opening the Personalizer (loading the bundle, its files hashed and checked as on a process's "
              "first open: nothing remembered from the previous run). **PyTorch** = AdamW as the bundle's optimizer "
              f"runs it, {info.get('epochs')} epochs of batches of {info.get('batch_size')}, the SDK's tokenization and "
-             "batches; seconds include loading the base model from disk. Head-only trains the head on cached embeddings; "
+             "batches; seconds include loading the base model from disk; torch runs on one thread for a model under 1 M "
+             "values (the SDK's rule for training; with two threads and this run's OMP_WAIT_POLICY=PASSIVE a small "
+             "model's run took twice as long), on torch's default threads otherwise. Head-only trains the head on cached embeddings; "
              "BitFit trains the bundle's trainable biases; full trains everything. Each PyTorch learning rate was chosen "
              "per suite by the mean test accuracy over that suite's **tuning** users (seed 0) and then applied unchanged "
              "to its **held-aside** users; a grid whose best value sat at an edge was extended on that side (at most "
