@@ -27,11 +27,14 @@ from .errors import StoreReadError, StoreWriteError
 TEMP_PREFIX = ".tmp-"
 
 
-def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_file_atomic(path: str | os.PathLike, data: bytes, *, sync_directory: bool = True) -> None:
     """Replace the file at ``path`` with ``data`` so that a crash leaves the old or the new file.
 
     Writes a ``.tmp-`` file in the same directory, fsyncs it, renames it over ``path``
     and fsyncs the directory (so the rename itself survives a power cut).
+    ``sync_directory=False`` leaves that last fsync to the caller, for a rename that another
+    write's directory fsync, in the same directory and before anything relies on it, covers
+    (an fsync of a directory makes every entry renamed into it before then durable).
 
     Raises:
         StoreWriteError: the write failed (its ``errno`` is the OS error's); the old file is
@@ -62,7 +65,43 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    _fsync_dir(path.parent)
+    if sync_directory:
+        _fsync_dir(path.parent)
+
+
+def make_dir_durable(directory: str | os.PathLike) -> bool:
+    """Create ``directory`` (and any missing parents) so that it survives a power cut: the
+    parent of each level created is fsynced after it. Returns whether anything was created.
+
+    Why: a file fsynced inside a new directory is not durable until the directory's own
+    entry in its parent is; without this, a save that returned could vanish in a power cut.
+
+    Raises:
+        OSError: the directory could not be created (the caller types it).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> make_dir_durable(root / "a" / "b"), make_dir_durable(root / "a" / "b")
+        (True, False)
+    """
+    directory = Path(directory)
+    missing = []
+    level = directory
+    while not level.is_dir():
+        missing.append(level)
+        if level.parent == level:
+            break
+        level = level.parent
+    for level in reversed(missing):
+        try:
+            level.mkdir()
+        except FileExistsError:
+            if not level.is_dir():
+                raise
+            # Another process created it meanwhile and may not have synced the parent yet.
+        _fsync_dir(level.parent)
+    return bool(missing)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -160,4 +199,4 @@ def building_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["write_file_atomic", "read_error", "replace_dir", "building_dir", "TEMP_PREFIX"]
+__all__ = ["write_file_atomic", "make_dir_durable", "read_error", "replace_dir", "building_dir", "TEMP_PREFIX"]

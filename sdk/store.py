@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomic_files import TEMP_PREFIX, read_error, write_file_atomic
+from .atomic_files import TEMP_PREFIX, make_dir_durable, read_error, write_file_atomic
 from .delta import Delta, encode_delta, load_delta, validate_key
 from .errors import (
     DeltaCorruptError,
@@ -431,7 +431,7 @@ class DeltaStore:
         for _ in range(5):
             if create:
                 try:
-                    directory.mkdir(parents=True, exist_ok=True)
+                    make_dir_durable(directory)  # a new user's directory entry survives a power cut too
                 except OSError as err:
                     raise StoreWriteError(
                         f"could not create {directory}: {err.strerror or err}; check that the store root is writable"
@@ -504,9 +504,13 @@ class DeltaStore:
         write_file_atomic(directory / HEAD_NAME, json.dumps({"current": current, "latest": latest}).encode())
 
     def _ensure_user_file(self, directory: Path, user: str) -> None:
+        """Write the user file if it is missing or names someone else. Called by ``save`` just
+        before the version write, whose directory fsync makes this rename durable too; a crash
+        before that leaves no committed version, and the next save writes the file again."""
         if _read_user_file(directory) != user:
             # ensure_ascii keeps lone surrogates (allowed in ids) representable in UTF-8.
-            write_file_atomic(directory / USER_FILE, json.dumps({"user": user}, ensure_ascii=True).encode())
+            write_file_atomic(directory / USER_FILE, json.dumps({"user": user}, ensure_ascii=True).encode(),
+                              sync_directory=False)
 
     def _remove_leftovers(self, directory: Path) -> None:
         """Remove temp files of writers that crashed, and version files HEAD never committed."""

@@ -696,3 +696,56 @@ def test_encrypted_store(tmp_path):
         store.load("u")
     with pytest.raises(InvalidArgumentError):
         DeltaStore(tmp_path, key=b"short")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir() or os.name != "posix", reason="reads fsync'd paths from /proc/self/fd")
+def test_a_new_users_save_is_durable_in_order(tmp_path, monkeypatch):
+    """Every name a save creates is made durable before anything relies on it: the new store
+    root and user directory in their parents, each file's data before its rename, the version's
+    rename (and the user file's, in the same directory fsync) before HEAD names it, and HEAD's
+    rename before save returns. Six fsyncs for a new user, two for the next version."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_mkdir = os.fsync, os.replace, os.mkdir
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        result = real_mkdir(path, *args, **kwargs)
+        events.append(("mkdir", str(path)))
+        return result
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    root = (tmp_path / "store").resolve()
+    store = DeltaStore(root)
+    store.save("ann", delta(1))
+    user_dir = str(store.path_for("ann").resolve())
+
+    def at(kind: str, path: str) -> int:
+        return events.index((kind, path))
+
+    def synced_after(path: str, start: int) -> int:
+        return next(i for i, e in enumerate(events) if i > start and e == ("fsync", path))
+
+    # The root and the user directory: each entry synced in its parent once created.
+    assert synced_after(str(tmp_path.resolve()), at("mkdir", str(root))) < at("mkdir", user_dir)
+    assert synced_after(str(root), at("mkdir", user_dir)) < at("replace", f"{user_dir}/v000001.delta")
+    # Data before each rename; the version's rename durable before HEAD's; HEAD's before return.
+    for name in ("user.json", "v000001.delta", "HEAD"):
+        renamed = at("replace", f"{user_dir}/{name}")
+        assert any(kind == "fsync" and path.startswith(f"{user_dir}/.tmp-") for kind, path in events[renamed - 1:renamed]), name
+    assert at("replace", f"{user_dir}/user.json") < at("replace", f"{user_dir}/v000001.delta")
+    assert synced_after(user_dir, at("replace", f"{user_dir}/v000001.delta")) < at("replace", f"{user_dir}/HEAD")
+    assert synced_after(user_dir, at("replace", f"{user_dir}/HEAD")) < len(events)
+    fsyncs = [e for e in events if e[0] == "fsync"]
+    assert len([e for e in fsyncs if e[1] != str(tmp_path.resolve())]) == 6, fsyncs
+    events.clear()
+    store.save("ann", delta(2))  # an existing user: the version and HEAD, each file and the directory
+    assert len([e for e in events if e[0] == "fsync"]) == 4, events
