@@ -86,22 +86,21 @@ def make_dir_durable(directory: str | os.PathLike) -> bool:
         (True, False)
     """
     directory = Path(directory)
-    missing = []
-    level = directory
-    while not level.is_dir():
-        missing.append(level)
-        if level.parent == level:
-            break
-        level = level.parent
-    for level in reversed(missing):
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if not directory.is_dir():
+            raise
+        return False
+    except FileNotFoundError:
+        make_dir_durable(directory.parent)
         try:
-            level.mkdir()
-        except FileExistsError:
-            if not level.is_dir():
+            directory.mkdir()
+        except FileExistsError:  # another process created it meanwhile and may not have synced it yet
+            if not directory.is_dir():
                 raise
-            # Another process created it meanwhile and may not have synced the parent yet.
-        _fsync_dir(level.parent)
-    return bool(missing)
+    _fsync_dir(directory.parent)
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
