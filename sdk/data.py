@@ -41,8 +41,9 @@ SCORING_TOKENS = 512
 2026-12-02, two rounds): 300 tweets took 1.70-1.72 s in batches of 64 rows in data order,
 0.97-0.99 s sorted by length with 512 tokens a batch (128: 1.12-1.20 s, 1024: 1.01-1.04 s,
 sorted batches of 16 rows: 0.90-1.00 s); 200 SMS messages 1.22-1.24 s -> 0.45-0.46 s; a
-15-message holdout 96-99 -> 53-54 ms (one batch padded to its longest message before). Through the API, ``evaluate`` on those 300 tweets
-1.65-1.68 -> 0.93-0.99 s, on the 200 SMS 1.20-1.21 -> 0.43-0.48 s, accuracy identical."""
+15-message holdout 96-99 -> 53-54 ms (one batch padded to its longest message before).
+Through the API, ``evaluate`` on those 300 tweets 1.65-1.68 -> 0.93-0.99 s, on the 200 SMS
+1.20-1.21 -> 0.43-0.48 s, accuracy identical."""
 SCORING_ROWS = 64
 """At most this many rows in a scoring batch (all of a feature-array batch's rows)."""
 
@@ -662,7 +663,8 @@ def scoring_batches(
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
     """(feeds, labels) per batch for scoring (a holdout, ``evaluate``), whose metrics do not
     depend on the order: text sorted by length, each batch as many rows as fit in
-    ``token_budget`` padded tokens (at most ``max_rows``); feature arrays in ``max_rows``.
+    ``token_budget`` padded tokens (at most ``max_rows``); feature arrays in their order, in
+    runs of ``max_rows`` (``max_rows`` <= ``token_budget``).
 
     Why: a batch is padded to its longest row, so batches of random rows spend much of their
     time on padding (``SCORING_TOKENS`` says what it measured).
@@ -675,10 +677,8 @@ def scoring_batches(
         >>> [len(group) for group in length_groups(text.lengths(), token_budget=10, max_rows=64)]
         [2, 1, 1]
     """
-    if examples.token_ids is None:
-        groups: Any = (np.arange(start, min(start + max_rows, len(examples))) for start in range(0, len(examples), max_rows))
-    else:
-        groups = length_groups(examples.lengths(), token_budget=token_budget, max_rows=max_rows)
+    # Feature arrays count one token a row (Examples.lengths), so they keep their order in runs of max_rows.
+    groups = length_groups(examples.lengths(), token_budget=token_budget, max_rows=max_rows)
     return _padded(examples, encoder, groups, ignore_index)
 
 
